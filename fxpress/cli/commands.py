@@ -1,0 +1,149 @@
+"""The `fxpress` subcommands. Each takes parsed args and returns an exit code."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from fxpress.cli.render import RichProgress, compare_table, console, human, pass_table
+from fxpress.errors import FxpressError
+from fxpress.ir import Graph, capture
+from fxpress.ir.numerics import compare_outputs
+from fxpress.ir.printer import format_graph, write_dump
+from fxpress.passes import (DumpToDir, NumericCheck, PassContext, PassManager, PrintAfterPass,
+                            VerifyAfterPass, registered_passes)
+from fxpress.passes.registry import format_type, format_value, pass_options
+from fxpress.runtime import calibration_batches, evaluate, resolve_model
+from fxpress.runtime.timing import interleaved_latency
+from fxpress.zoo import ZooModel
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "vit-mnist"
+DEMO_PIPELINE = "fold-constants,fuse-batchnorm,dce"
+TARGETS = ("eager",)
+
+
+def cmd_passes(args) -> int:
+    """List every pass with its options and docstring."""
+    table = Table(title="passes", show_lines=True)
+    for column in ("pass", "preserves", "options", "rewrite"):
+        table.add_column(column)
+    for name, cls in registered_passes().items():
+        hints = typing.get_type_hints(cls)
+        options = "\n".join(f"{f.name}: {format_type(hints[f.name])} = {format_value(_default(f))}"
+                            for f in pass_options(cls)) or "-"
+        doc = (cls.__doc__ or "").strip() if args.verbose_docs else cls.summary()
+        table.add_row(name, "yes" if cls.preserves_semantics else "no (lossy)", options, doc)
+    console.print(table)
+    return 0
+
+
+def _default(field: dataclasses.Field) -> object:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return "required"
+
+
+def _capture(model: ZooModel, static: bool = False, method: str = "export") -> Graph:
+    dynamic = False if static or method != "export" else (model.dynamic_dims or False)
+    with console.status(f"capturing {model.name} ({method})..."):
+        return capture(model.module, model.example_inputs, dynamic=dynamic, method=method, name=model.name)
+
+
+def _load(spec: str) -> ZooModel:
+    with console.status(f"loading {spec}..."):
+        return resolve_model(spec)
+
+
+def cmd_capture(args) -> int:
+    """Capture MODEL and print its IR with shapes and module paths."""
+    model = _load(args.model)
+    graph = _capture(model, args.static, args.method)
+    console.print(format_graph(graph, collapse=args.collapse), markup=False, highlight=False, soft_wrap=True)
+    eager_params = sum(p.numel() for p in model.module.parameters())
+    error = compare_outputs(model.module(*model.example_inputs), graph(*model.example_inputs))
+    console.print(f"params: graph {graph.num_params:,}, model {eager_params:,} "
+                  f"({'equal' if graph.num_params == eager_params else 'DIFFERENT'}); "
+                  f"MACs {human(graph.macs)}; nodes {graph.num_nodes}; "
+                  f"capture vs eager max abs error {error.max_abs:.3g}", markup=False)
+    return 0
+
+
+def cmd_dump(args) -> int:
+    """Write the IR of MODEL as text, DOT and/or JSON."""
+    model = _load(args.model)
+    graph = _capture(model, args.static, args.method)
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    written = write_dump(graph, Path(args.out), model.name.replace(":", "_"), formats)
+    for path in written:
+        console.print(f"wrote {path}", markup=False)
+    return 0
+
+
+def _pipeline_context(model: ZooModel, args) -> PassContext:
+    batches = calibration_batches(model, count=args.calibration) if args.calibration else []
+    return PassContext(calibration=batches, teacher=model.module, seed=args.seed, progress=RichProgress())
+
+
+def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, list]:
+    """Capture, then run `pipeline` with verification and numeric checks; print the table."""
+    if args.target not in TARGETS:
+        raise FxpressError(f"unknown target '{args.target}'; available targets: {', '.join(TARGETS)}")
+    manager = PassManager(pipeline)  # parse before the slow work so typos fail fast
+    graph = _capture(model)
+    instruments = [VerifyAfterPass(), NumericCheck()]
+    if args.dump_dir:
+        instruments.append(DumpToDir(args.dump_dir, formats=tuple(args.dump_format.split(","))))
+    if args.print_after:
+        instruments.append(PrintAfterPass(stream=console.file))
+    manager.instruments = instruments
+    result = manager.run(graph, _pipeline_context(model, args))
+    console.print(pass_table(result.reports))
+    return graph, result.graph, result.reports
+
+
+def cmd_run(args) -> int:
+    """Run a pipeline on MODEL and print the per-pass table."""
+    model = _load(args.model)
+    run_pipeline(model, args.pipeline, args)
+    if args.dump_dir:
+        console.print(f"dumps in {args.dump_dir}", markup=False)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Compress the default model; report accuracy, params, MACs and latency before and after."""
+    model = _load(args.model)
+    console.print(f"[bold]{model.name}[/bold]: {model.description}")
+    console.print(f"pipeline: {args.pipeline}", markup=False)
+    before, after, _ = run_pipeline(model, args.pipeline, args)
+    with console.status("evaluating on the held-out split..."):
+        metrics_before, metrics_after = evaluate(model, model.module), evaluate(model, after)
+    rows: dict[str, tuple[object, object]] = {
+        name: (metrics_before[name], metrics_after.get(name)) for name in metrics_before}
+    rows |= {"params": (before.num_params, after.num_params), "MACs": (before.macs, after.macs),
+             "nodes": (before.num_nodes, after.num_nodes)}
+    inputs = _latency_inputs(model, args.batch)
+    with console.status(f"timing at batch {args.batch}..."):
+        latency = interleaved_latency({"before": model.module, "after": after}, inputs)
+    rows["latency ms (eager)"] = (latency["before"].median_ms, latency["after"].median_ms)
+    console.print(compare_table(f"{model.name}: before vs after", rows))
+    return 0
+
+
+def _latency_inputs(model: ZooModel, batch: int) -> tuple:
+    if model.task == "classification" and model.dynamic_dims.get(0, {}).get(0) == "batch":
+        return tuple(x[:1].expand(batch, *x.shape[1:]).contiguous() for x in model.example_inputs)
+    return tuple(model.example_inputs)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

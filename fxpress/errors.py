@@ -1,0 +1,59 @@
+"""One small error hierarchy for everything fxpress raises on purpose.
+
+Every message names what failed (the pass, the node, the model) and what
+the user can do about it.  The CLI prints these as one line; anything
+else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class FxpressError(Exception):
+    """Base of every deliberate fxpress error."""
+
+
+class CaptureError(FxpressError):
+    """A model could not be captured into the IR."""
+
+
+class PipelineError(FxpressError):
+    """A pipeline string or pass option is malformed or unknown."""
+
+
+class PassError(FxpressError):
+    """A pass failed while running, or its result failed verification."""
+
+    def __init__(self, message: str, pass_name: str | None = None, ran_before: tuple[str, ...] = ()):
+        self.pass_name = pass_name
+        self.ran_before = tuple(ran_before)
+        if pass_name is not None:
+            before = ", ".join(ran_before) if ran_before else "none"
+            message = f"pass '{pass_name}' failed: {message} (passes run before it: {before})"
+        super().__init__(message)
+
+
+class PreconditionError(PassError):
+    """A pass was given a graph or context it cannot work on."""
+
+
+class VerificationError(PassError):
+    """A graph is malformed or its metadata disagrees with it."""
+
+
+class NumericError(PassError):
+    """A semantics-preserving pass changed the model's outputs."""
+
+
+class CalibrationError(FxpressError):
+    """Calibration data does not fit the model's inputs."""
+
+
+class ZooError(FxpressError):
+    """A zoo model or dataset is unknown or its package is missing."""
+
+
+class LoweringError(FxpressError):
+    """A graph could not be lowered to a backend."""
+
+
+class ArtifactError(FxpressError):
+    """A compiled artifact is missing, tampered with or mismatched."""

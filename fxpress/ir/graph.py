@@ -1,0 +1,280 @@
+"""The IR: an FX GraphModule plus metadata on every node.
+
+`Graph` wraps a `torch.fx.GraphModule` whose nodes are ATen ops (from
+torch.export) or module calls (from symbolic_trace).  `annotate()` runs
+the graph once on its example inputs and writes a `NodeInfo` into
+`node.meta["fxpress"]`: output shape and dtype, owning module path, the
+parameters the node reads, and its MACs.  Whole-graph figures (params,
+bytes, MACs, per-module MACs) are sums over those records.
+
+Parameters are shared, not copied, between a graph and its copies: a
+pass that changes weights must put new tensors in place of the old ones
+(never write into a tensor in place), or copy with `clone_params=True`.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx
+
+from fxpress.ir.macs import module_macs, node_macs
+
+META_KEY = "fxpress"
+
+_DTYPE_NAMES = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "bool",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short, stable dtype name used in dumps (`f32`, `i64`, ...)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What fxpress knows about one node after `annotate()`."""
+
+    shape: tuple[int, ...] | None  # first tensor output; None when the node yields no tensor
+    dtype: str | None
+    module_path: str  # owning module, "" for the top level
+    module_type: str  # class name of the owning module, "" when unknown
+    params: tuple[str, ...]  # attribute paths of the parameters/buffers the node reads
+    macs: int
+    extra_outputs: tuple[tuple[tuple[int, ...], str], ...] = ()  # further tensor outputs
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def owning_module(node: torch.fx.Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module that emitted `node`."""
+    if node.op == "call_module":
+        return str(node.target), ""
+    if node.op == "get_attr":
+        path = str(node.target).rpartition(".")[0]
+        return path, ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", ""
+    path, cls = list(stack.values())[-1]
+    if str(path).startswith("_empty_nn_module_stack"):  # torch.export's marker for "no module"
+        return "", ""
+    cls_name = cls.__name__ if isinstance(cls, type) else str(cls).rpartition(".")[2]
+    return str(path), cls_name
+
+
+class _Recorder(torch.fx.Interpreter):
+    """Runs the graph once and records every node's output."""
+
+    def __init__(self, module: torch.fx.GraphModule):
+        super().__init__(module, garbage_collect_values=False)
+        self.values: dict[torch.fx.Node, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        self.values[n] = result
+        return result
+
+
+class Graph:
+    """An FX graph with per-node metadata; the unit every pass consumes and returns."""
+
+    def __init__(self, module: torch.fx.GraphModule, example_inputs: tuple, *, name: str = "model",
+                 source: str = "export", dynamic_shapes: Any = None):
+        self.module = module
+        self.example_inputs = tuple(example_inputs)
+        self.name = name
+        self.source = source
+        self.dynamic_shapes = dynamic_shapes
+
+    # -- structure -----------------------------------------------------------------
+    @property
+    def fx(self) -> torch.fx.Graph:
+        return self.module.graph
+
+    @property
+    def nodes(self) -> list[torch.fx.Node]:
+        return list(self.module.graph.nodes)
+
+    def info(self, node: torch.fx.Node) -> NodeInfo:
+        record = node.meta.get(META_KEY)
+        if record is None:
+            from fxpress.errors import VerificationError
+            raise VerificationError(
+                f"node has no fxpress metadata: {node.format_node()}; call graph.annotate() after rewriting")
+        return record
+
+    def attribute(self, path: str) -> Any:
+        """The tensor or module at an attribute path such as `blocks.0.fc.weight`."""
+        owner, _, leaf = path.rpartition(".")
+        return getattr(self.module.get_submodule(owner) if owner else self.module, leaf)
+
+    def referenced_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer the graph reads, by attribute path."""
+        found: dict[str, torch.Tensor] = {}
+        for node in self.fx.nodes:
+            if node.op == "get_attr":
+                value = self.attribute(str(node.target))
+                if isinstance(value, torch.Tensor):
+                    found[str(node.target)] = value
+            elif node.op == "call_module":
+                sub = self.module.get_submodule(str(node.target))
+                for name, tensor in list(sub.named_parameters()) + list(sub.named_buffers()):
+                    found[f"{node.target}.{name}"] = tensor
+        return found
+
+    # -- figures -------------------------------------------------------------------
+    def _unique(self, parameters_only: bool) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for tensor in self.referenced_tensors().values():
+            if parameters_only and not isinstance(tensor, torch.nn.Parameter):
+                continue
+            seen.setdefault(id(tensor), tensor)
+        return list(seen.values())
+
+    @property
+    def num_params(self) -> int:
+        """Unique parameters the graph reads (a tensor read twice counts once)."""
+        return sum(t.numel() for t in self._unique(parameters_only=True))
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the unique parameters and buffers the graph reads."""
+        return sum(t.numel() * t.element_size() for t in self._unique(parameters_only=False))
+
+    @property
+    def macs(self) -> int:
+        return sum(self.info(n).macs for n in self.fx.nodes)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.fx.nodes)
+
+    def macs_by_module(self, depth: int | None = None) -> dict[str, int]:
+        """MACs summed per owning module path, truncated to `depth` components."""
+        totals: dict[str, int] = {}
+        for node in self.fx.nodes:
+            record = self.info(node)
+            if not record.macs:
+                continue
+            path = record.module_path
+            if depth is not None:
+                path = ".".join(path.split(".")[:depth])
+            totals[path] = totals.get(path, 0) + record.macs
+        return dict(sorted(totals.items()))
+
+    def figures(self) -> dict[str, int]:
+        """The numbers a pass report shows: nodes, params, bytes, MACs."""
+        return {"nodes": self.num_nodes, "params": self.num_params,
+                "bytes": self.param_bytes, "macs": self.macs}
+
+    # -- execution -----------------------------------------------------------------
+    def __call__(self, *inputs: Any) -> Any:
+        with torch.no_grad():
+            return self.module(*inputs)
+
+    def annotate(self) -> Graph:
+        """Run once on the example inputs and (re)write every node's NodeInfo."""
+        recorder = _Recorder(self.module)
+        with torch.no_grad():
+            recorder.run(*self._flat_inputs(self.example_inputs))
+        for node in self.fx.nodes:
+            node.meta[META_KEY] = self._node_info(node, recorder.values.get(node))
+        return self
+
+    def _flat_inputs(self, inputs: tuple) -> list[Any]:
+        flat, _ = torch.utils._pytree.tree_flatten(list(inputs))
+        return flat
+
+    def _node_info(self, node: torch.fx.Node, value: Any) -> NodeInfo:
+        tensors = _tensors(value) if node.op != "output" else []
+        first = tensors[0] if tensors else None
+        path, cls = owning_module(node)
+        params = tuple(str(a.target) for a in node.all_input_nodes if a.op == "get_attr")
+        if node.op == "get_attr":
+            params = (str(node.target),)
+        arg_shapes = [self._arg_shape(a) for a in node.args]
+        shape = tuple(first.shape) if first is not None else None
+        if node.op == "call_module":
+            sub = self.module.get_submodule(str(node.target))
+            cls = type(sub).__name__
+            params = tuple(f"{node.target}.{n}" for n, _ in sub.named_parameters())
+            macs = module_macs(sub, shape)
+        else:
+            macs = node_macs(node.target, arg_shapes, shape) if node.op == "call_function" else 0
+        return NodeInfo(shape=shape, dtype=dtype_name(first.dtype) if first is not None else None,
+                        module_path=path, module_type=cls, params=params, macs=macs,
+                        extra_outputs=tuple((tuple(t.shape), dtype_name(t.dtype)) for t in tensors[1:]))
+
+    @staticmethod
+    def _arg_shape(arg: Any) -> tuple[int, ...] | None:
+        if isinstance(arg, torch.fx.Node):
+            record = arg.meta.get(META_KEY)
+            return record.shape if record is not None else None
+        return None
+
+    # -- copies and cleanup ---------------------------------------------------------
+    def copy(self, clone_params: bool = False) -> Graph:
+        """A new Graph whose FX graph can be rewritten without touching this one.
+
+        Tensors are shared unless `clone_params`; rewrites replace tensors, never
+        write into them.
+        """
+        memo: dict[int, Any] = {}
+        if not clone_params:
+            for tensor in list(self.module.parameters()) + list(self.module.buffers()):
+                memo[id(tensor)] = tensor
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = copy.deepcopy(self.module, memo)
+        return Graph(module, self.example_inputs, name=self.name, source=self.source,
+                     dynamic_shapes=self.dynamic_shapes)
+
+    def remove_unused_attributes(self) -> list[str]:
+        """Delete parameters, buffers and submodules no node reads; return their paths."""
+        used = set(self.referenced_tensors())
+        used_modules = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
+        removed = []
+        for name, _ in list(self.module.named_parameters(remove_duplicate=False)) + \
+                list(self.module.named_buffers(remove_duplicate=False)):
+            if name in used or any(name.startswith(m + ".") for m in used_modules):
+                continue
+            owner, _, leaf = name.rpartition(".")
+            delattr(self.module.get_submodule(owner) if owner else self.module, leaf)
+            removed.append(name)
+        self._drop_empty_submodules()
+        return removed
+
+    def _drop_empty_submodules(self) -> None:
+        used_modules = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
+        for name, sub in sorted(self.module.named_modules(), key=lambda kv: -len(kv[0])):
+            if not name or name in used_modules or any(m.startswith(name + ".") for m in used_modules):
+                continue
+            if not list(sub.parameters()) and not list(sub.buffers()) and not list(sub.children()) \
+                    and not [k for k, v in vars(sub).items() if isinstance(v, torch.Tensor)]:
+                owner, _, leaf = name.rpartition(".")
+                delattr(self.module.get_submodule(owner) if owner else self.module, leaf)
+
+    def recompile(self) -> Graph:
+        """Regenerate the module's code after a rewrite and refresh metadata."""
+        self.module.recompile()
+        return self.annotate()
+
+    def __repr__(self) -> str:
+        return (f"Graph({self.name!r}, nodes={self.num_nodes}, params={self.num_params:,}, "
+                f"source={self.source})")
+
+    def __iter__(self) -> Iterator[torch.fx.Node]:
+        return iter(self.fx.nodes)
