@@ -79,6 +79,32 @@ class LinearBn1d(nn.Module):
         return self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x)))))
 
 
+class Conv1dBn(nn.Module):
+    """conv1d+bn1d on sequences, then a depthwise conv2d+bn2d on the same values as images."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d(6)
+        self.depthwise, self.bn2d = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.bn2d(self.depthwise(y.unsqueeze(-1).expand(-1, -1, -1, 2)))
+
+
+class SequenceLinearBn(nn.Module):
+    """Linear on (N, L, C) then BatchNorm1d: BN normalises dim 1 (L), not linear's features."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
 class PlainMlp(nn.Module):
     """Nothing for either cleanup pass to do."""
 

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # torch.export logs warnings about user code it could not map; noise here
+        logging.getLogger("torch").setLevel(logging.ERROR)
     commands.set_threads(args.threads)
     try:
         return args.func(args)

@@ -242,30 +242,36 @@ class Graph:
         return Graph(module, self.example_inputs, name=self.name, source=self.source,
                      dynamic_shapes=self.dynamic_shapes)
 
-    def remove_unused_attributes(self) -> list[str]:
-        """Delete parameters, buffers and submodules no node reads; return their paths."""
+    def owned_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the module holds: parameters, buffers and plain tensor attributes."""
+        found: dict[str, torch.Tensor] = {}
+        for prefix, sub in self.module.named_modules(remove_duplicate=False):
+            for leaf, value in list(sub._parameters.items()) + list(sub._buffers.items()) + \
+                    [(k, v) for k, v in vars(sub).items() if isinstance(v, torch.Tensor)]:
+                if value is not None:
+                    found[f"{prefix}.{leaf}" if prefix else leaf] = value
+        return found
+
+    def unused_attributes(self) -> list[str]:
+        """Paths of tensors the module holds but no node reads."""
         used = set(self.referenced_tensors())
-        used_modules = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
-        removed = []
-        for name, _ in list(self.module.named_parameters(remove_duplicate=False)) + \
-                list(self.module.named_buffers(remove_duplicate=False)):
-            if name in used or any(name.startswith(m + ".") for m in used_modules):
-                continue
+        called = tuple(f"{n.target}." for n in self.fx.nodes if n.op == "call_module")
+        return [name for name in self.owned_tensors() if name not in used and not name.startswith(called)]
+
+    def remove_unused_attributes(self) -> list[str]:
+        """Delete tensors no node reads, then submodules left empty; return the tensor paths."""
+        removed = self.unused_attributes()
+        for name in removed:
             owner, _, leaf = name.rpartition(".")
             delattr(self.module.get_submodule(owner) if owner else self.module, leaf)
-            removed.append(name)
-        self._drop_empty_submodules()
-        return removed
-
-    def _drop_empty_submodules(self) -> None:
-        used_modules = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
-        for name, sub in sorted(self.module.named_modules(), key=lambda kv: -len(kv[0])):
-            if not name or name in used_modules or any(m.startswith(name + ".") for m in used_modules):
-                continue
-            if not list(sub.parameters()) and not list(sub.buffers()) and not list(sub.children()) \
-                    and not [k for k, v in vars(sub).items() if isinstance(v, torch.Tensor)]:
+        called = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
+        holders = {name.rpartition(".")[0] for name in self.owned_tensors()}
+        for name, _ in sorted(self.module.named_modules(), key=lambda kv: -len(kv[0])):
+            if name and name not in called and not any(h == name or h.startswith(name + ".")
+                                                       for h in holders | called):
                 owner, _, leaf = name.rpartition(".")
                 delattr(self.module.get_submodule(owner) if owner else self.module, leaf)
+        return removed
 
     def recompile(self) -> Graph:
         """Regenerate the module's code after a rewrite and refresh metadata."""

@@ -23,7 +23,7 @@ class DeadCodeElimination(Pass):
     preserves_semantics: ClassVar[bool] = True
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if not _has_dead_nodes(graph) and not _unused_attributes(graph):
+        if not _has_dead_nodes(graph) and not graph.unused_attributes():
             return PassResult(graph, modified=False, stats={"removed_nodes": 0, "removed_attributes": 0})
         new = graph.copy()
         before = new.num_nodes
@@ -37,12 +37,3 @@ class DeadCodeElimination(Pass):
 def _has_dead_nodes(graph: Graph) -> bool:
     return any(not node.users and node.op not in ("placeholder", "output") and not node.is_impure()
                for node in graph.fx.nodes)
-
-
-def _unused_attributes(graph: Graph) -> bool:
-    used = set(graph.referenced_tensors())
-    modules = {str(n.target) for n in graph.fx.nodes if n.op == "call_module"}
-    for name, _ in list(graph.module.named_parameters()) + list(graph.module.named_buffers()):
-        if name not in used and not any(name.startswith(m + ".") for m in modules):
-            return True
-    return False

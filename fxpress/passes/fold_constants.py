@@ -67,13 +67,13 @@ class FoldConstants(Pass):
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan = plan_folding(graph, self.max_growth, self.fold_params)
         if not plan.folds and not plan.asserts:
-            return PassResult(graph, modified=False, stats=_stats(plan, 0, []))
+            return PassResult(graph, modified=False, stats=_stats(plan, [], 0, []))
         new = graph.copy()
         before = new.num_nodes
-        _apply(plan, new, self.name)
-        removed = new.remove_unused_attributes() + _remove_plain_tensors(new)
+        paths = _apply(plan, new, self.name)
+        removed = new.remove_unused_attributes()
         new.recompile()
-        return PassResult(new, modified=True, stats=_stats(plan, before - new.num_nodes, removed))
+        return PassResult(new, modified=True, stats=_stats(plan, paths, before - new.num_nodes, removed))
 
 
 @dataclass
@@ -86,11 +86,11 @@ class FoldPlan:
     skipped_large: list[str] = field(default_factory=list)
 
 
-def _stats(plan: FoldPlan, removed_nodes: int, removed_attributes: list[str]) -> dict[str, Any]:
+def _stats(plan: FoldPlan, paths: list[str], removed_nodes: int, removed_attributes: list[str]) -> dict[str, Any]:
     return {
         "folded_nodes": len(plan.folds),
         "removed_nodes": removed_nodes,
-        "new_constants": [f"{FOLDED_MODULE}.{name}" for name in plan.folds],
+        "new_constants": paths,
         "new_constant_bytes": sum(_nbytes(v) for v in plan.folds.values()),
         "dropped_asserts": len(plan.asserts),
         "removed_attributes": removed_attributes,
@@ -134,10 +134,12 @@ def _writes_inputs(node: torch.fx.Node) -> bool:
     if node.op == "call_method":
         name = str(node.target)
         return name.endswith("_") and not name.endswith("__")
-    if node.op == "call_function":
-        return node.target not in _CONSTANT_ASSERTS and node.target not in _FUNCTIONAL_TWIN \
-            and node.is_impure()
-    return False
+    if node.op != "call_function" or node.target in _CONSTANT_ASSERTS or node.target in _FUNCTIONAL_TWIN:
+        return False
+    if isinstance(node.target, torch._ops.OpOverload):
+        return any(arg.alias_info is not None and arg.alias_info.is_write
+                   for arg in node.target._schema.arguments)
+    return node.is_impure() and _op_name(node) not in _NONDETERMINISTIC  # e.g. setitem
 
 
 def _may_alias(node: torch.fx.Node) -> bool:
@@ -245,14 +247,7 @@ def plan_folding(graph: Graph, max_growth: float = 4.0, fold_params: bool = Fals
     chosen = _choose(frontier, constant, evaluator.values, max_growth, plan.skipped_large)
     order = {node: index for index, node in enumerate(graph.fx.nodes)}
     chosen.sort(key=order.__getitem__)
-    taken: set[int] = {_storage(v) for n, v in evaluator.values.items() if n.op == "get_attr"
-                       and isinstance(v, torch.Tensor)}
-    for node in chosen:
-        value = evaluator.values[node]
-        if _storage(value) in taken or value._base is not None:
-            value = value.clone(memory_format=torch.preserve_format)  # never alias another tensor
-        taken.add(_storage(value))
-        plan.folds[node.name] = value
+    plan.folds = _own_values(chosen, evaluator.values)
     kept_asserts = [a for a in asserts if a.name in plan.asserts]
     plan.cone = {n.name for n in _ancestors(chosen + kept_asserts, constant | set(kept_asserts))}
     return plan
@@ -260,6 +255,25 @@ def plan_folding(graph: Graph, max_growth: float = 4.0, fold_params: bool = Fals
 
 def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr() if tensor.numel() else -id(tensor)
+
+
+def _own_values(chosen: list[torch.fx.Node], values: dict[torch.fx.Node, Any]) -> dict[str, torch.Tensor]:
+    """The chosen values, each in storage of its own.
+
+    A value that is a view (`t(%buf)`, a slice of a larger table) or the very tensor
+    it was computed from is cloned, strides kept: a new buffer never aliases the
+    user's tensors or another buffer, and never keeps a larger base alive.
+    """
+    taken = {_storage(v) for n, v in values.items() if n.op == "get_attr" and isinstance(v, torch.Tensor)}
+    owned = {}
+    for node in chosen:
+        value = values[node]
+        if _storage(value) in taken or value._base is not None:
+            with torch.no_grad():
+                value = value.clone(memory_format=torch.preserve_format)
+        taken.add(_storage(value))
+        owned[node.name] = value
+    return owned
 
 
 def _choose(frontier: list[torch.fx.Node], constant: set[torch.fx.Node], values: dict[torch.fx.Node, Any],
@@ -293,23 +307,37 @@ def _too_large(node: torch.fx.Node, value: torch.Tensor, constant: set[torch.fx.
 
 
 # -- rewriting --------------------------------------------------------------------------
-def _apply(plan: FoldPlan, graph: Graph, pass_name: str) -> None:
-    """Put the planned buffers in place of their nodes, then erase what only they read."""
+def _apply(plan: FoldPlan, graph: Graph, pass_name: str) -> list[str]:
+    """Put the planned buffers in place of their nodes, erase what only they read; return the buffers."""
     by_name = {node.name: node for node in graph.fx.nodes}
+    paths = []
     for name, value in plan.folds.items():
         node = by_name[name]
         path = _register_constant(graph, name, value, pass_name)
+        paths.append(path)
         with graph.fx.inserting_before(node):
             replacement = graph.fx.get_attr(path)
-        for key in ("val", "tensor_meta", "stack_trace", "nn_module_stack"):
-            if key in node.meta:
-                replacement.meta[key] = node.meta[key]
+        _carry_meta(node, replacement, value)
         node.replace_all_uses_with(replacement)
     for name in plan.asserts:
         graph.fx.erase_node(by_name[name])
     for node in reversed(list(graph.fx.nodes)):
         if node.name in plan.cone and not node.users:
             graph.fx.erase_node(node)
+    return paths
+
+
+def _carry_meta(node: torch.fx.Node, replacement: torch.fx.Node, value: torch.Tensor) -> None:
+    """Keep export's metadata on the new get_attr where it still describes the value."""
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in node.meta:
+            replacement.meta[key] = node.meta[key]
+    fake = node.meta.get("val")
+    if isinstance(fake, torch.Tensor) and (fake.shape, fake.dtype, fake.stride()) == \
+            (value.shape, value.dtype, value.stride()):
+        for key in ("val", "tensor_meta"):
+            if key in node.meta:
+                replacement.meta[key] = node.meta[key]
 
 
 def _register_constant(graph: Graph, node_name: str, value: torch.Tensor, pass_name: str) -> str:
@@ -325,17 +353,3 @@ def _register_constant(graph: Graph, node_name: str, value: torch.Tensor, pass_n
         leaf, suffix = f"{node_name}_{suffix}", suffix + 1
     holder.register_buffer(leaf, value)
     return f"{FOLDED_MODULE}.{leaf}"
-
-
-def _remove_plain_tensors(graph: Graph) -> list[str]:
-    """Delete plain tensor attributes (export's lifted constants) no get_attr reads any more."""
-    read = {str(n.target) for n in graph.fx.nodes if n.op == "get_attr"}
-    removed = []
-    for module_path, module in list(graph.module.named_modules()):
-        for key, value in list(vars(module).items()):
-            path = f"{module_path}.{key}" if module_path else key
-            if isinstance(value, torch.Tensor) and not key.startswith("__") and path not in read \
-                    and (key.startswith("_tensor_constant") or key.startswith("lifted_tensor")):
-                delattr(module, key)
-                removed.append(path)
-    return removed

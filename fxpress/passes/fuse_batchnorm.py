@@ -15,9 +15,10 @@ without a bias gets one.  Matched on both capture methods:
 Fused only when the conv/linear output has no other user, the BatchNorm
 uses running statistics, and for linear the output is 2-D (a BatchNorm1d
 on (N, C, L) normalises a different dim than linear's features).  The
-fused weights are new Parameters (`<conv>.weight_fused`, or a new conv
-module at the same path for traced graphs): the user's tensors are never
-written.
+fused weights are new Parameters: `<conv>.weight_fused` / `.bias_fused` on
+export graphs; on traced graphs a new conv module at the same path, or at
+`<conv>_fused` when other nodes still call or read the old one.  The
+user's tensors are never written.
 """
 from __future__ import annotations
 

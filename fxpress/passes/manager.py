@@ -55,8 +55,9 @@ class PipelineResult:
 
 
 def _fingerprint(graph: Graph) -> tuple:
-    """What a pass must not change in its input: code, tensors by identity, metadata objects."""
-    return (graph.module.code, tuple((k, id(v)) for k, v in graph.referenced_tensors().items()),
+    """What a pass must not change in its input: code, tensors (identity and in-place
+    version counter), metadata objects."""
+    return (graph.module.code, tuple((k, id(v), v._version) for k, v in graph.owned_tensors().items()),
             tuple(id(n.meta.get("fxpress")) for n in graph.fx.nodes))
 
 
