@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 from pathlib import Path
 
@@ -23,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fxpress.zoo.datasets import load_dataset  # noqa: E402
 from fxpress.zoo.fixture_io import FIXTURE_DIR, save_fixture  # noqa: E402
-from fxpress.zoo.training import TrainConfig, accuracy, train_classifier  # noqa: E402
+from fxpress.zoo.training import TrainConfig, accuracy, fixture_metadata, train_classifier  # noqa: E402
 from fxpress.zoo.vit import ViTConfig, VisionTransformer  # noqa: E402
 
-TRAIN = TrainConfig(epochs=30, batch_size=128, lr=3e-3, weight_decay=0.05, warmup_epochs=2,
-                    label_smoothing=0.1, max_shift_px=2.0, max_rotate_deg=10.0, max_scale=0.1)
+TRAIN = TrainConfig(epochs=30, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_epochs=1,
+                    max_shift_px=2.0, max_rotate_deg=10.0, max_scale=0.1)
 COMMAND = "python scripts/train_vit_mnist.py"
 
 
@@ -48,20 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = train_classifier(model, load_dataset("mnist-5k", "train"), train_config, args.seed)
     test_accuracy = accuracy(model, load_dataset("mnist-5k", "test"))
     logging.info("test accuracy %.4f after %.1f s", test_accuracy, seconds)
-    meta = {
-        "model": "vit-mnist",
-        "architecture": "fxpress.zoo.vit.VisionTransformer",
-        "config": config.to_dict(),
-        "train": train_config.to_dict(),
-        "dataset": {"name": "mnist-5k", "train_split": "train", "eval_split": "test"},
-        "metrics": {"accuracy": round(test_accuracy, 4)},
-        "seed": args.seed,
-        "threads": args.threads,
-        "train_seconds": round(seconds, 1),
-        "params": sum(p.numel() for p in model.parameters()),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "command": COMMAND,
-    }
+    meta = fixture_metadata(model, name="vit-mnist", config=config.to_dict(), train=train_config,
+                            dataset="mnist-5k", test_accuracy=test_accuracy, seed=args.seed,
+                            threads=args.threads, seconds=seconds, command=COMMAND)
     save_fixture("vit-mnist", model, meta, args.output_dir)
     return 0
 

@@ -31,7 +31,8 @@ from torch import nn
 
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """``+1 where x >= 0 else -1`` (same dtype as ``x``)."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    signs = torch.where(x >= 0, 1.0, -1.0)
+    return signs if signs.dtype == x.dtype else signs.to(x.dtype)
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ def save_fixture(name: str, module: torch.nn.Module, meta: dict, directory: Path
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: value.detach().contiguous().clone() for key, value in module.state_dict().items()}
     save_file(state, str(weights_path), metadata={"fxpress_fixture": name})
+    weights_path.chmod(0o644)  # safetensors writes 0600
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("wrote fixture %s (%d bytes) and %s", weights_path, weights_path.stat().st_size, meta_path)
     return weights_path, meta_path

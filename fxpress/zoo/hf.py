@@ -59,9 +59,9 @@ class CausalLMLogits(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def _prepare_transformers(needed_for: str, extra: tuple[packages.DataPackage, ...] = ()) -> None:
-    """Check packages and force offline mode before transformers is imported."""
-    packages.require((packages.TRANSFORMERS, *extra), needed_for)
+def _prepare_transformers(needed_for: str) -> None:
+    """Check transformers is installed and force offline mode before importing it."""
+    packages.require((packages.TRANSFORMERS,), needed_for)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -119,8 +119,16 @@ def _cache_is_valid(cache_dir: Path, stamp: dict) -> bool:
         return False
 
 
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """Mark a de-quantized GGUF model as a plain float model so it can be saved."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+
+
 def _convert_smollm2(gguf_path: Path, cache_dir: Path, stamp: dict) -> None:
     """De-quantize the GGUF file and write a safetensors copy to ``cache_dir`` atomically."""
+    packages.require((packages.GGUF, packages.ACCELERATE), "converting smollm2's GGUF file")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to float32 safetensors in %s (once, ~30 s)", gguf_path.name, cache_dir)
@@ -131,20 +139,31 @@ def _convert_smollm2(gguf_path: Path, cache_dir: Path, stamp: dict) -> None:
             model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                          dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
+            _forget_gguf_quantization(model)
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         (staging / CACHE_MARKER).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        try:
-            os.replace(staging, cache_dir)
-        except OSError:
-            if not _cache_is_valid(cache_dir, stamp):  # another process may have won the race
-                raise
+        staging.chmod(0o755)  # mkdtemp makes it private
+        _publish(staging, cache_dir, stamp)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, cache_dir: Path, stamp: dict) -> None:
+    """Move a finished ``staging`` folder to ``cache_dir`` with one rename.
+
+    A cache another process finished meanwhile is kept; a stale one is
+    replaced.
+    """
+    if _cache_is_valid(cache_dir, stamp):
+        return
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    try:
+        os.replace(staging, cache_dir)
+    except OSError:
+        if not _cache_is_valid(cache_dir, stamp):
+            raise
 
 
 def load_smollm2() -> tuple[nn.Module, object]:
@@ -153,7 +172,7 @@ def load_smollm2() -> tuple[nn.Module, object]:
     gguf_path = package / SMOLLM2_GGUF
     if not gguf_path.is_file():
         raise ZooError(f"model 'smollm2': {gguf_path} is missing; reinstall: `{packages.SMOLLM2.install_hint}`")
-    _prepare_transformers("model 'smollm2'", (packages.GGUF, packages.ACCELERATE))
+    _prepare_transformers("model 'smollm2'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_dir = cache_root() / "smollm2"

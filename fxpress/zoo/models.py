@@ -36,6 +36,7 @@ from fxpress.zoo.vit import ViTConfig, VisionTransformer
 log = logging.getLogger(__name__)
 
 TASKS = ("classification", "embedding", "causal-lm")
+MAX_BATCH = 1024
 EXAMPLE_SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
     "A compiler rewrites models into smaller, faster programs.",
@@ -49,7 +50,8 @@ class ZooModel:
     ``module`` is float32 and in eval mode.  ``example_inputs`` is a
     small batch (2) to call it with: ``module(*example_inputs)`` returns
     one tensor.  ``dynamic_dims`` maps input index -> {dim: name} for the
-    dims that may vary (for ``torch.export.Dim``).  ``dataset`` names the
+    dims that may vary, ``dim_ranges`` maps each name to its (min, max);
+    :meth:`dynamic_shapes` turns both into ``torch.export.Dim``s.  ``dataset`` names the
     zoo dataset the model was trained/evaluated on, if any; ``metrics``
     are the recorded results on its "test" split; ``meta`` is the
     fixture's full JSON record.
@@ -62,6 +64,7 @@ class ZooModel:
     task: str
     metrics: dict[str, float] = field(default_factory=dict)
     dynamic_dims: dict[int, dict[int, str]] = field(default_factory=dict)
+    dim_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     tokenizer: object | None = None
     dataset: str | None = None
     meta: dict = field(default_factory=dict)
@@ -70,6 +73,16 @@ class ZooModel:
     def num_params(self) -> int:
         """Distinct parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.module.parameters())
+
+    def dynamic_shapes(self) -> tuple[dict[int, torch.export.Dim], ...]:
+        """``dynamic_shapes`` for ``torch.export.export(module, example_inputs, ...)``.
+
+        One ``Dim`` per name, shared by every input that uses it.
+        """
+        dims = {name: torch.export.Dim(name.replace("-", "_"), min=low, max=high)
+                for name, (low, high) in self.dim_ranges.items()}
+        return tuple({axis: dims[name] for axis, name in self.dynamic_dims.get(index, {}).items()}
+                     for index in range(len(self.example_inputs)))
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,8 @@ def _fixture_model(name: str, build: Callable[[dict], nn.Module], script: str,
     images = load_dataset(dataset, "test").images[:2].clone()
     return ZooModel(name=name, module=module, example_inputs=(images,), description=description,
                     task="classification", metrics=dict(meta.get("metrics", {})),
-                    dynamic_dims={0: {0: "batch"}}, dataset=dataset, meta=meta)
+                    dynamic_dims={0: {0: "batch"}}, dim_ranges={"batch": (1, MAX_BATCH)},
+                    dataset=dataset, meta=meta)
 
 
 def _load_vit_mnist() -> ZooModel:
@@ -106,6 +120,11 @@ def _load_cnn_digits() -> ZooModel:
                           "scripts/train_cnn_digits.py", "digits", _ENTRIES["cnn-digits"].description)
 
 
+def _max_positions(wrapper: nn.Module) -> int:
+    """Longest sequence the wrapped HF model's position embeddings allow."""
+    return int(wrapper.model.config.max_position_embeddings)
+
+
 def _load_minilm() -> ZooModel:
     module, tokenizer = hf.load_minilm()
     batch = tokenizer(list(EXAMPLE_SENTENCES), padding=True, return_tensors="pt")
@@ -113,7 +132,9 @@ def _load_minilm() -> ZooModel:
     seq_dims = {0: "batch", 1: "seq"}
     return ZooModel(name="minilm", module=module, example_inputs=inputs,
                     description=_ENTRIES["minilm"].description, task="embedding",
-                    dynamic_dims={0: dict(seq_dims), 1: dict(seq_dims)}, tokenizer=tokenizer)
+                    dynamic_dims={0: dict(seq_dims), 1: dict(seq_dims)},
+                    dim_ranges={"batch": (1, MAX_BATCH), "seq": (1, _max_positions(module))},
+                    tokenizer=tokenizer)
 
 
 def _load_smollm2() -> ZooModel:
@@ -123,7 +144,9 @@ def _load_smollm2() -> ZooModel:
     input_ids = torch.tensor([i[:length] for i in ids], dtype=torch.int64)
     return ZooModel(name="smollm2", module=module, example_inputs=(input_ids,),
                     description=_ENTRIES["smollm2"].description, task="causal-lm",
-                    dynamic_dims={0: {0: "batch", 1: "seq"}}, tokenizer=tokenizer)
+                    dynamic_dims={0: {0: "batch", 1: "seq"}},
+                    dim_ranges={"batch": (1, MAX_BATCH), "seq": (1, _max_positions(module))},
+                    tokenizer=tokenizer)
 
 
 _ENTRIES: dict[str, _Entry] = {

@@ -1,0 +1,23 @@
+"""Shared test set-up: one thread (OpenMP spinning under load makes 2 threads slower), zoo models
+loaded once per session."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    """Load a zoo model once per session: zoo_model("vit-mnist")."""
+    from fxpress.zoo import load_model
+
+    cache: dict = {}
+
+    def load(name: str):
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+
+    return load
