@@ -1,6 +1,8 @@
 """Rich output for the `fxpress` command: tables and progress bars."""
 from __future__ import annotations
 
+import os
+import sys
 from typing import Iterable, Iterator
 
 from rich.console import Console
@@ -9,8 +11,10 @@ from rich.table import Table
 
 from fxpress.passes import PassReport
 
-console = Console()
-errors = Console(stderr=True)
+# Pipes and CI logs get wide tables instead of rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+console = Console(width=_WIDTH)
+errors = Console(stderr=True, width=_WIDTH)
 
 
 class RichProgress:

@@ -9,6 +9,8 @@ buffers are as they were.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import traceback
 from typing import Any, Mapping
@@ -79,10 +81,15 @@ def dynamic_shapes_for(inputs: tuple, dynamic: DynamicSpec) -> tuple | None:
 
 def _export(model: torch.nn.Module, inputs: tuple, dynamic: DynamicSpec, name: str):
     shapes = dynamic_shapes_for(inputs, dynamic)
+    chatter = io.StringIO()  # export writes partial graphs to stderr on some failures
     try:
-        program = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
+        with contextlib.redirect_stderr(chatter):
+            program = torch.export.export(model, inputs, dynamic_shapes=shapes, strict=False)
     except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
         raise CaptureError(_explain(name, err, dynamic=bool(dynamic))) from err
+    finally:
+        if chatter.getvalue().strip():
+            log.debug("torch.export wrote to stderr:\n%s", chatter.getvalue())
     module = program.module()
     _drop_guards(module)
     return module, shapes
