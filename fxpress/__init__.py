@@ -7,6 +7,7 @@
 from fxpress.errors import (ArtifactError, CalibrationError, CaptureError, FxpressError, LoweringError,
                             NumericError, PassError, PipelineError, PreconditionError, VerificationError,
                             ZooError)
+from fxpress.backends import CompiledModel, compile, load, register_lowering  # noqa: A004
 from fxpress.ir import Graph, NodeInfo, capture, verify
 from fxpress.passes import (Pass, PassContext, PassManager, PassResult, parse_pipeline, register_pass,
                             registered_passes)
@@ -20,7 +21,8 @@ def trace(model, example_inputs, name: str | None = None) -> Graph:
 
 
 __all__ = [
-    "ArtifactError", "CalibrationError", "CaptureError", "FxpressError", "Graph", "LoweringError",
+    "ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "FxpressError", "Graph",
+    "LoweringError", "compile", "load", "register_lowering",
     "NodeInfo", "NumericError", "Pass", "PassContext", "PassError", "PassManager", "PassResult",
     "PipelineError", "PreconditionError", "VerificationError", "ZooError", "capture", "parse_pipeline",
     "register_pass", "registered_passes", "trace", "verify", "__version__",

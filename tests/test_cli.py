@@ -110,3 +110,19 @@ def test_user_factory_model_runs(tmp_path):
                      "--calibration", "0")
     assert result.returncode == 0, result.stderr
     assert "fuse-batchnorm" in result.stdout
+
+
+def test_run_compiles_saves_and_benches(tmp_path):
+    out = tmp_path / "compiled"
+    result = fxpress("run", "cnn-digits", "--pipeline", "fuse-batchnorm,dce", "--target", "llvm",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "manifest.json").is_file()
+    bench = fxpress("bench", str(out))
+    assert bench.returncode == 0, bench.stderr
+    assert "median" in bench.stdout and "llvm" in bench.stdout
+
+
+def test_out_without_target_is_refused(tmp_path):
+    assert_one_line_error(fxpress("run", "cnn-digits", "--pipeline", "dce", "--out", str(tmp_path)),
+                          "pass --target too")

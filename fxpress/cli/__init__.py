@@ -20,7 +20,8 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_pipeline_options(parser: argparse.ArgumentParser, pipeline_default: str | None) -> None:
     parser.add_argument("--pipeline", default=pipeline_default, required=pipeline_default is None,
                         help='passes as text, e.g. "fold-constants,dce"')
-    parser.add_argument("--target", default="eager", help="where to run the result (eager)")
+    parser.add_argument("--target", default="eager",
+                        help="eager (PyTorch), or compile for llvm, onnx, cuda, aarch64, c")
     parser.add_argument("--dump-dir", help="write 000_capture.txt, 001_<pass>.txt, ... here")
     parser.add_argument("--dump-format", default="txt", help="comma list of txt,dot,json,svg,png")
     parser.add_argument("--print-after", action="store_true", help="print the IR after every pass")
@@ -52,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pass pipeline on MODEL and print the per-pass table")
     p.add_argument("model", help="zoo name or path/to/file.py:factory")
     _add_pipeline_options(p, None)
+    p.add_argument("--out", help="save the compiled model here (with --target)")
     p.set_defaults(func=commands.cmd_run)
+
+    p = sub.add_parser("bench", help="time a saved compiled model (see run --target T --out DIR)")
+    p.add_argument("dir")
+    p.set_defaults(func=commands.cmd_bench)
 
     p = sub.add_parser("demo", help="compress the default model and report before/after")
     p.add_argument("--model", default=commands.DEMO_MODEL)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from fxpress.backends import available_targets
 from fxpress.cli.render import RichProgress, compare_table, console, human, pass_table
 from fxpress.errors import FxpressError
 from fxpress.ir import Graph, capture
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = "vit-mnist"
 DEMO_PIPELINE = "fold-constants,fuse-batchnorm,dce"
-TARGETS = ("eager",)
+TARGETS = ("eager", *available_targets())
 
 
 def cmd_passes(args) -> int:
@@ -68,7 +69,8 @@ def cmd_capture(args) -> int:
     graph = _capture(model, args.static, args.method)
     console.print(format_graph(graph, collapse=args.collapse), markup=False, highlight=False, soft_wrap=True)
     eager_params = sum(p.numel() for p in model.module.parameters())
-    error = compare_outputs(model.module(*model.example_inputs), graph(*model.example_inputs))
+    with torch.no_grad():
+        error = compare_outputs(model.module(*model.example_inputs), graph(*model.example_inputs))
     console.print(f"params: graph {graph.num_params:,}, model {eager_params:,} "
                   f"({'equal' if graph.num_params == eager_params else 'DIFFERENT'}); "
                   f"MACs {human(graph.macs)}; nodes {graph.num_nodes}; "
@@ -112,10 +114,23 @@ def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, li
 def cmd_run(args) -> int:
     """Run a pipeline on MODEL and print the per-pass table."""
     model = _load(args.model)
-    run_pipeline(model, args.pipeline, args)
+    _, compressed, _ = run_pipeline(model, args.pipeline, args)
     if args.dump_dir:
         console.print(f"dumps in {args.dump_dir}", markup=False)
+    if args.target != "eager":
+        from fxpress.backends.cli_support import compile_and_save
+
+        compile_and_save(compressed, args.target, args.out, console)
+    elif args.out:
+        raise FxpressError("--out saves a compiled model: pass --target too (e.g. --target llvm)")
     return 0
+
+
+def cmd_bench(args) -> int:
+    """Time a saved compiled model."""
+    from fxpress.backends.cli_support import cmd_bench as bench
+
+    return bench(args, console)
 
 
 def cmd_demo(args) -> int:

@@ -159,6 +159,11 @@ class Graph:
         return sum(self.info(n).macs for n in self.fx.nodes)
 
     @property
+    def flops(self) -> int:
+        """Floating-point operations of the MAC-counted ops (2 per MAC)."""
+        return 2 * self.macs
+
+    @property
     def num_nodes(self) -> int:
         return len(self.fx.nodes)
 
@@ -205,7 +210,7 @@ class Graph:
         params = tuple(str(a.target) for a in node.all_input_nodes if a.op == "get_attr")
         if node.op == "get_attr":
             params = (str(node.target),)
-        arg_shapes = [self._arg_shape(a) for a in node.args]
+        arg_shapes = [self._arg_shape(a) for a in (*node.args, *node.kwargs.values())]
         shape = tuple(first.shape) if first is not None else None
         if node.op == "call_module":
             sub = self.module.get_submodule(str(node.target))

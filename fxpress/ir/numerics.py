@@ -27,7 +27,8 @@ def output_tensors(outputs: Any) -> list[torch.Tensor]:
 
 def compare_outputs(reference: Any, candidate: Any) -> OutputError:
     """Max absolute error and cosine similarity between two output pytrees."""
-    ref, cand = output_tensors(reference), output_tensors(candidate)
+    ref = [t.detach() for t in output_tensors(reference)]
+    cand = [t.detach() for t in output_tensors(candidate)]
     if len(ref) != len(cand) or any(r.shape != c.shape for r, c in zip(ref, cand)):
         return OutputError(max_abs=float("inf"), cosine=0.0, mismatched_shapes=True)
     max_abs = 0.0

@@ -1,0 +1,116 @@
+"""Latency of each zoo model on every backend, in one run.
+
+    python benchmarks/backends.py [--quick] [--models vit-mnist,minilm] --json PATH
+
+Backends: eager, torch.compile, onnxruntime, tvm (fxpress default schedules),
+tvm-tuned (MetaSchedule; skipped while tuning is unavailable).  Threads 1 and
+2 (--quick: 1 thread, no tuning).  Each row: model, backend, threads,
+latency_ms (median of interleaved rounds), ratio_to_eager, max_abs_err
+(vs eager), compile_s.  The summary gives the geometric mean of tvm/eager.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from fxpress import backends
+from fxpress.ir import capture
+from fxpress.runtime.timing import interleaved_latency
+from fxpress.zoo import load_model
+
+MODELS = ("vit-mnist", "cnn-digits", "bnn-digits", "minilm")
+IMAGE_BATCH = 8
+
+
+def bench_inputs(model) -> tuple:
+    """Image models at batch IMAGE_BATCH; text models at their example batch."""
+    if model.task == "classification":
+        return tuple(x[:1].expand(IMAGE_BATCH, *x.shape[1:]).contiguous() for x in model.example_inputs)
+    return tuple(model.example_inputs)
+
+
+def build_backends(model, inputs, tune_trials: int) -> dict[str, tuple]:
+    """backend name -> (callable, compile seconds)."""
+    graph = capture(model.module, inputs, name=model.name)
+    built: dict[str, tuple] = {"eager": (model.module, 0.0)}
+    start = time.perf_counter()
+    compiled_fn = torch.compile(model.module)
+    with torch.no_grad():
+        compiled_fn(*inputs)
+    built["torch.compile"] = (compiled_fn, time.perf_counter() - start)
+    for name, target in (("onnxruntime", "onnx"), ("tvm", "llvm")):
+        compiled = backends.compile(graph, target)
+        built[name] = (compiled, compiled.info["compile_s"])
+    if tune_trials:
+        try:
+            compiled = backends.compile(graph, "llvm", tune_trials=tune_trials)
+            built["tvm-tuned"] = (compiled, compiled.info["compile_s"])
+        except Exception as err:  # noqa: BLE001 - report and go on with the other backends
+            print(f"  tvm-tuned skipped for {model.name}: {err}")
+    return built
+
+
+def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: int) -> list[dict]:
+    model = load_model(model_name)
+    inputs = bench_inputs(model)
+    torch.set_num_threads(max(threads_list))
+    built = build_backends(model, inputs, tune_trials)
+    with torch.no_grad():
+        reference = model.module(*inputs)
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for fn, _ in built.values():
+            if isinstance(fn, backends.CompiledModel):
+                fn.set_threads(threads)
+        latency = interleaved_latency({n: fn for n, (fn, _) in built.items()}, inputs, rounds=rounds)
+        eager_ms = latency["eager"].median_ms
+        for name, (fn, compile_s) in built.items():
+            with torch.no_grad():
+                error = (fn(*inputs) - reference).abs().max().item()
+            rows.append({"model": model_name, "backend": name, "threads": threads,
+                         "latency_ms": round(latency[name].median_ms, 4),
+                         "ratio_to_eager": round(latency[name].median_ms / eager_ms, 3),
+                         "max_abs_err": float(f"{error:.3g}"), "compile_s": round(compile_s, 2)})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':<12}{'backend':<15}{'thr':>4}{'ms':>10}{'x eager':>9}{'max err':>10}{'compile s':>11}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<12}{r['backend']:<15}{r['threads']:>4}{r['latency_ms']:>10.3f}"
+              f"{r['ratio_to_eager']:>9.2f}{r['max_abs_err']:>10.2g}{r['compile_s']:>11.1f}")
+    for backend in sorted({r["backend"] for r in rows} - {"eager"}):
+        ratios = [r["ratio_to_eager"] for r in rows if r["backend"] == backend and r["threads"] == 1]
+        if ratios:
+            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            print(f"geomean {backend} / eager (1 thread, {len(ratios)} models): {geo:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 thread, no tuning, fewer rounds")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--tune-trials", type=int, default=64)
+    parser.add_argument("--json", help="write {'rows': [...]} here")
+    args = parser.parse_args()
+    threads = [1] if args.quick else [1, 2]
+    trials = 0 if args.quick else args.tune_trials
+    rows: list[dict] = []
+    for name in args.models.split(","):
+        print(f"== {name}", flush=True)
+        rows += measure(name.strip(), threads, trials, rounds=3 if args.quick else 5)
+    print_table(rows)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Command bodies for the CLI: `fxpress run ... --target T --out DIR` and `fxpress bench DIR`.
+
+The CLI (fxpress/cli) registers these; they return exit codes and print
+through the CLI's rich console.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fxpress.backends import available_targets, compile, load  # noqa: A004 - fxpress.compile
+from fxpress.errors import FxpressError
+from fxpress.ir import Graph
+
+
+def compile_and_save(graph: Graph, target: str, out: str | None, console) -> None:
+    """After `fxpress run`'s pipeline: compile the result for `target`, save to `out`, report."""
+    if target not in available_targets():
+        raise FxpressError(f"unknown target {target!r}; available: eager, {', '.join(available_targets())}")
+    with console.status(f"compiling {graph.name} for {target}..."):
+        compiled = compile(graph, target)
+    console.print(f"compiled for {target} in {compiled.info['compile_s']:.1f} s", markup=False)
+    if out:
+        folder = compiled.save(Path(out))
+        console.print(f"saved to {folder}", markup=False)
+
+
+def cmd_bench(args, console) -> int:
+    """`fxpress bench DIR [--threads N]`: load a saved model and time it on generated inputs."""
+    compiled = load(args.dir)
+    if getattr(args, "threads", None):
+        compiled.set_threads(args.threads)
+    with console.status(f"timing {compiled.name} ({compiled.target})..."):
+        latency = compiled.latency()
+    signature = ", ".join(spec.describe() for spec in compiled.inputs)
+    console.print(f"{compiled.name} [{compiled.target}] ({signature}): median {latency.median_ms:.3f} ms, "
+                  f"min {latency.min_ms:.3f} ms over {latency.runs} runs", markup=False)
+    return 0

@@ -1,0 +1,85 @@
+"""IR Graph -> Relax IRModule plus its parameters.
+
+The Graph's GraphModule is re-exported with ``torch.export`` (non-strict),
+decomposed to core ATen, checked against the importer and the rule table
+(:mod:`fxpress.backends.tvm.rules`), then imported with
+``tvm.relax.frontend.torch.from_exported_program``.  Parameters stay
+inputs of ``main`` (after the user inputs) so they can be saved as
+safetensors beside the compiled library.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fxpress.backends.signature import TensorSpec, input_specs
+from fxpress.backends.tvm import rules
+from fxpress.errors import LoweringError
+from fxpress.ir import Graph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lowered:
+    """A Relax module whose ``main`` takes (*inputs, *params), and the params in that order."""
+
+    mod: object  # tvm.IRModule
+    param_names: list[str]
+    params: dict[str, np.ndarray]
+    inputs: list[TensorSpec]
+
+
+def export_graph(graph: Graph, dynamic: bool) -> torch.export.ExportedProgram:
+    """Re-export the Graph's module and decompose it to core ATen (custom ops are kept)."""
+    shapes = graph.dynamic_shapes if dynamic else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(graph.module, tuple(graph.example_inputs),
+                                          dynamic_shapes=shapes, strict=False)
+            return program.run_decompositions()
+    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
+        raise LoweringError(f"cannot re-export graph {graph.name} for lowering: "
+                            f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+
+
+def _known_ops() -> set[str]:
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return {key for key in ExportedProgramImporter().convert_map if isinstance(key, str)}
+
+
+def to_relax(graph: Graph, *, dynamic: bool = False) -> Lowered:
+    """Lower `graph` to Relax; raise LoweringError naming the op and node that cannot be lowered."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    program = export_graph(graph, dynamic)
+    nodes = list(program.graph.nodes)
+    rules.check_lowerable(nodes, _known_ops())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = from_exported_program(program, keep_params_as_input=True, unwrap_unit_return_tuple=True,
+                                        custom_convert_map=rules.custom_convert_map(nodes),
+                                        run_ep_decomposition=False)
+    except LoweringError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the importer raises many kinds
+        raise LoweringError(f"TVM's importer failed on graph {graph.name}: {type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[-1][:400]}") from err
+    mod, detached = relax.frontend.detach_params(mod)
+    values = detached.get("main", [])
+    num_inputs = int(mod["main"].attrs["num_input"])
+    names = [var.name for var in mod["main"].params[num_inputs:]]
+    if len(names) != len(values):
+        raise LoweringError(f"importer gave {len(values)} params for {len(names)} parameter inputs")
+    params = {name: value.numpy() for name, value in zip(names, values)}
+    log.info("lowered %s to Relax: %d inputs, %d params", graph.name, num_inputs, len(names))
+    return Lowered(mod=mod, param_names=names, params=params,
+                   inputs=input_specs(graph, dynamic=dynamic))

@@ -1,0 +1,87 @@
+"""Relax pipelines per target: the default lowering plus fxpress's CPU schedules.
+
+TVM's default CPU pipeline legalizes and fuses but leaves every TIR
+function unscheduled (naive loops).  Ours adds, after fusion:
+
+1. ``MetaScheduleApplyDatabase`` when a tuning database is given (tuned
+   functions are marked scheduled and left alone), then
+2. ``ApplyDefaultSchedule`` with the rules of :mod:`.schedules` (matmul,
+   conv2d, reductions, elementwise) and dlight's CPU GEMV/Reduction.
+
+``LiftTransformParams`` runs first so weight-only work (transposes of
+linear weights, layout changes) moves to ``main_transform_params`` and runs
+once at load time instead of on every call.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+
+def _legalize_and_fuse() -> list:
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def _lower_and_finalize(cuda: bool = False) -> list:
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        *([relax.transform.RewriteCUDAGraph()] if cuda else []),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,
+                    schedule: bool = True) -> list:
+    """The scheduling passes that run after fusion for `target`."""
+    from tvm.s_tir import dlight as dl
+
+    passes = []
+    if database_dir is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(database_dir))
+    if target.kind.name == "cuda":
+        passes.append(dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                              dl.gpu.GeneralReduction(), dl.gpu.Fallback()))
+    elif target.kind.name == "llvm" and schedule:
+        from fxpress.backends.tvm.schedules import cpu_rules
+
+        passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+    return passes
+
+
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """`mod` after param lifting, legalization and fusion: the functions schedules and tuning see."""
+    seq = tvm.transform.Sequential([relax.transform.LiftTransformParams(), *_legalize_and_fuse()])
+    with target:
+        return seq(mod)
+
+
+def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None,
+                   schedule: bool = True) -> tvm.transform.Pass:
+    """The whole Relax pipeline for `target` (pass it to ``tvm.compile(relax_pipeline=...)``)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="fxpress_pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            mod = fused_module(mod, target)
+            seq = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule)
+                                           + _lower_and_finalize(cuda=target.kind.name == "cuda"))
+            return seq(mod)
+
+    return _pipeline

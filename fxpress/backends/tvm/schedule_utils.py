@@ -1,0 +1,45 @@
+"""Small helpers shared by the CPU schedule rules."""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+
+def is_cpu(target: Target) -> bool:
+    return target.kind.name == "llvm"
+
+
+def root_block(sch: s_tir.Schedule):
+    return sch.get_sblock("root") if hasattr(sch, "get_sblock") else sch.get_block("root")
+
+
+def extent(sch: s_tir.Schedule, loop) -> int | object:
+    """A loop's extent as an int when static, else the symbolic expression."""
+    value = sch.get(loop).extent
+    return int(value) if isinstance(value, tirx.IntImm) else value
+
+
+def pick_factor(size, candidates: list[int]) -> int | None:
+    """The first candidate (> 0) that divides a static `size`; for symbolic sizes the first one."""
+    usable = [c for c in candidates if c and c > 0]
+    if not isinstance(size, int):
+        return usable[0] if usable else None
+    for candidate in usable:
+        if candidate <= size and size % candidate == 0:
+            return candidate
+    return None
+
+
+def vector_lanes(target: Target, stmt) -> int:
+    """SIMD lanes for the block's output dtype (AVX-512 f32: 16; NEON f32: 4)."""
+    bits = llvm_get_vector_width(target)
+    bits = bits if bits and bits > 0 else 128
+    dtype_bits = stmt.writes[0].source.dtype.bits if stmt.writes else 32
+    return max(bits // max(dtype_bits, 8), 1)
+
+
+def multiply_add_reads(stmt) -> bool:
+    """A block with exactly two buffer reads besides its output: C += A * B."""
+    reads = [r for r in stmt.reads if not any(r.source.same_as(w.source) for w in stmt.writes)]
+    return len(reads) == 2 and len(stmt.reads) in (2, 3)

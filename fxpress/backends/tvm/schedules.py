@@ -1,0 +1,193 @@
+"""Default CPU schedules for fused TIR functions, in the spirit of TVM's dlight rules.
+
+Each rule takes a PrimFunc and returns a scheduled ``s_tir.Schedule`` or None
+(not its pattern); ``ApplyDefaultSchedule`` tries them in order per function.
+
+- :class:`Matmul`: any single-reduction ``C[s,i,j] += A[s,i,k] * B[s,k,j]``
+  (dense, batched, attention QK^T and PV, with fused epilogues).  Normalized
+  with dlight's index maps, then register-blocked: an ``MR x NR`` tile of C
+  lives in a local buffer (rows unrolled, columns vectorized) while k runs
+  innermost; B is packed to ``[s, k, j]`` when it is not already contiguous
+  in j; the epilogue runs per tile while it is in cache.
+- conv2d has no rule of its own yet (the small zoo convs are cheap).
+- dlight's ``cpu.GEMV`` and ``cpu.Reduction`` (softmax, layer norm).
+- :class:`Injective`: elementwise/transposes: outer loops fused and
+  parallel, innermost vectorized.
+"""
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.gpu.matmul import (auto_inline_consumers, auto_inline_producers, get_index_map,
+                                         get_reduction_blocks)
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+from fxpress.backends.tvm.schedule_utils import (extent, is_cpu, multiply_add_reads, pick_factor,
+                                                 root_block, vector_lanes)
+
+log = logging.getLogger(__name__)
+
+ROWS = 4  # MR: rows of the register tile (unrolled) when none of ROW_TILES divides
+ROW_TILES = [6, 4, 8, 5, 7, 3]
+MAX_COLUMN_VECTORS = 2  # NR = lanes * this (vectorized)
+
+
+class Matmul(ScheduleRule):
+    """Register-blocked matmul with packing and fused epilogue."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)  # checks stay on: unchecked reverse_compute_at misplaced epilogues
+        reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
+        if reductions is None:
+            return None
+        main = reductions[0]
+        stmt = sch.get(main)
+        if not multiply_add_reads(stmt) or get_index_map(stmt) is None:
+            return None
+        b_k_inner = _reads_k_innermost(stmt, 1)
+        try:
+            self._normalize(sch, main, b_k_inner)
+            self._tile(sch, main, target)
+        except Exception as err:  # noqa: BLE001 - a primitive refused: not this rule's pattern
+            log.debug("matmul rule skipped %s: %s", func.attrs.get("global_symbol") if func.attrs else "", err)
+            return None
+        return sch
+
+    @staticmethod
+    def _normalize(sch: s_tir.Schedule, main, b_k_inner: bool) -> None:
+        """Rewrite to C[S,I,J] += A[S,I,K] * B[S,K,J]; pack A/B where they are not plain reads."""
+        had_producers = [bool(_producers_of_read(sch, main, i)) for i in (0, 1)]
+        matmul_map, a_map, b_map, c_map = get_index_map(sch.get(main))
+        reindex_a = sch.reindex(main, ("read", 0))
+        reindex_b = sch.reindex(main, ("read", 1))
+        reindex_c = sch.reindex(main, ("write", 0))
+        sch.transform_layout(reindex_a, ("write", 0), a_map)
+        sch.transform_layout(reindex_b, ("write", 0), _transpose_last_two(b_map))
+        sch.transform_layout(reindex_c, ("read", 0), c_map)
+        sch.transform_block_layout(main, matmul_map)
+        for index, block in enumerate((reindex_a, reindex_b)):
+            auto_inline_producers(sch, block)
+            plain = not had_producers[index] and (index == 0 or not b_k_inner)
+            if plain:
+                sch.compute_inline(block)
+            else:
+                _schedule_copy(sch, block)
+        auto_inline_consumers(sch, reindex_c)
+
+    @staticmethod
+    def _tile(sch: s_tir.Schedule, main, target: Target) -> None:
+        lanes = vector_lanes(target, sch.get(main))
+        batch, rows, cols, red = sch.get_loops(main)
+        n_cols = extent(sch, cols)
+        col_tile = pick_factor(n_cols, [lanes * MAX_COLUMN_VECTORS, lanes, lanes // 2, lanes // 4]) or n_cols
+        row_tile = pick_factor(extent(sch, rows), ROW_TILES) or ROWS
+        r_out, r_in = sch.split(rows, [None, row_tile])
+        c_out, c_in = sch.split(cols, [None, col_tile])
+        sch.reorder(batch, c_out, r_out, red, r_in, c_in)  # a B panel stays in cache across row tiles
+        outer = sch.fuse(batch, c_out, r_out)
+        sch.parallel(outer)
+        local = sch.cache_write(main, 0, "local")
+        sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
+        _vectorize_innermost(sch, local, lanes)
+        for consumer in sch.get_consumers(local):
+            _epilogue_per_tile(sch, consumer, outer, lanes)
+        init = sch.decompose_reduction(main, red)
+        _vectorize_innermost(sch, init, lanes)
+        sch.unroll(r_in)
+        v_out, v_in = sch.split(c_in, [None, min(lanes, col_tile)])
+        sch.unroll(v_out)
+        try:
+            sch.vectorize(v_in)
+        except Exception:  # noqa: BLE001 - the checker refuses some cached updates; LLVM vectorizes them
+            log.debug("left the matmul update loop to LLVM's vectorizer")
+
+
+def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int) -> None:
+    """The epilogue (bias, GELU, layout back to NCHW...) as its own parallel, vectorized loop nest.
+
+    Not under the tile loop: when the normalized rows fuse several output dims (a conv's
+    n*h*w, a linear's batch*seq) reverse_compute_at covered a bounding box larger than the
+    tile and read rows not yet computed (NaN on vit-mnist at batch 8).
+    """
+    del outer
+    loops = sch.get_loops(consumer)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+    _vectorize_innermost(sch, consumer, lanes)
+
+
+def _reads_k_innermost(stmt, index: int) -> bool:
+    reduce_vars = {iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce}
+    region = stmt.reads[index].region
+    return any(_uses(region[-1].min, v) for v in reduce_vars)
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
+
+
+def _producers_of_read(sch: s_tir.Schedule, block, index: int) -> list:
+    buffer = sch.get(block).reads[index].source
+    return [p for p in sch.get_producers(block) if any(w.source.same_as(buffer) for w in sch.get(p).writes)]
+
+
+def _transpose_last_two(index_map: tirx.IndexMap) -> tirx.IndexMap:
+    """(..) -> (s, j, k) becomes (..) -> (s, k, j): B packed contiguous along j."""
+    final = list(index_map.final_indices)
+    return tirx.IndexMap(index_map.initial_indices, final[:-2] + [final[-1], final[-2]], None)
+
+
+def _schedule_copy(sch: s_tir.Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        sch.parallel(sch.fuse(*loops[:-1]))
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    size = extent(sch, loops[-1])
+    if isinstance(size, int) and size > 1:
+        factor = pick_factor(size, [lanes * MAX_COLUMN_VECTORS, lanes, lanes // 2, lanes // 4, 2])
+        if factor:
+            _, inner = sch.split(loops[-1], [None, factor])
+            sch.vectorize(inner)
+
+
+class Injective(ScheduleRule):
+    """All-spatial functions: outer loops fused and parallel, the innermost vectorized."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(root_block(sch))
+        if any(iv.iter_type != tirx.IterVar.DataPar for b in blocks for iv in sch.get(b).iter_vars):
+            return None
+        for block in blocks[:-1]:
+            try:
+                sch.compute_inline(block)
+            except Exception:  # noqa: BLE001 - keep blocks that cannot be inlined
+                pass
+        for block in sch.get_child_blocks(root_block(sch)):
+            loops = sch.get_loops(block)
+            if len(loops) > 1:
+                sch.parallel(sch.fuse(*loops[:-1]))
+            _vectorize_innermost(sch, block, vector_lanes(target, sch.get(block)))
+        return sch
+
+
+def cpu_rules() -> list[ScheduleRule]:
+    """The rules ApplyDefaultSchedule tries on llvm targets, most specific first."""
+    from tvm.s_tir import dlight as dl
+
+    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Injective()]
+
+
+__all__ = ["Injective", "Matmul", "cpu_rules", "llvm_get_vector_width"]

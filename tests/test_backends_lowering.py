@@ -1,0 +1,123 @@
+"""The lowering-rule table: custom ops need a rule (here a popcount op lowered via TIR), an op
+without one is a LoweringError naming the op and node; targets build (aarch64 objects, cuda, c)."""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+import torch
+
+from fxpress import backends
+from fxpress.backends.tvm.rules import unregister_lowering
+from fxpress.errors import LoweringError
+from fxpress.ir import capture
+
+EM_X86_64, EM_AARCH64 = 62, 183
+
+
+@torch.library.custom_op("fxpress_test::xnor_popcount", mutates_args=())
+def xnor_popcount(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bits equal in a and b (int32 words): popcount(~(a ^ b)), the XNOR-net dot product kernel."""
+    x = torch.bitwise_not(torch.bitwise_xor(a, b))
+    counts = torch.zeros_like(x)
+    for bit in range(32):
+        counts += (x >> bit) & 1
+    return counts
+
+
+@xnor_popcount.register_fake
+def _(a, b):
+    return torch.empty_like(a)
+
+
+class PopcountModel(torch.nn.Module):
+    def forward(self, a, b):
+        return torch.ops.fxpress_test.xnor_popcount(a, b) + 1
+
+
+def _popcount_rule(ctx, node):
+    import tvm
+    from tvm import te
+
+    a, b = ctx.args(node)
+    return ctx.emit_te(lambda x, y: te.compute(
+        x.shape, lambda *i: tvm.tirx.popcount(~(x(*i) ^ y(*i)))), a, b, name="xnor_popcount")
+
+
+def _graph():
+    a = torch.randint(-2**31, 2**31 - 1, (4, 8), dtype=torch.int32)
+    b = torch.randint(-2**31, 2**31 - 1, (4, 8), dtype=torch.int32)
+    return capture(PopcountModel(), (a, b), name="popcount"), (a, b)
+
+
+def test_op_without_rule_is_a_lowering_error_naming_op_and_node():
+    unregister_lowering("fxpress_test::xnor_popcount")
+    graph, _ = _graph()
+    with pytest.raises(LoweringError, match=r"fxpress_test::xnor_popcount.*xnor_popcount") as info:
+        backends.compile(graph, "llvm")
+    assert "register_lowering" in str(info.value)
+
+
+def test_registered_rule_lowers_custom_op_with_popcount():
+    backends.register_lowering("fxpress_test::xnor_popcount", _popcount_rule)
+    try:
+        graph, inputs = _graph()
+        compiled = backends.compile(graph, "llvm")
+        assert torch.equal(compiled(*inputs), PopcountModel()(*inputs))
+    finally:
+        unregister_lowering("fxpress_test::xnor_popcount")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)).softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def tiny_graph():
+    torch.manual_seed(0)
+    return capture(Tiny().eval(), (torch.randn(4, 16),), name="tiny")
+
+
+def _elf_machine(data: bytes) -> int:
+    assert data[:4] == b"\x7fELF"
+    return int.from_bytes(data[18:20], "little")
+
+
+def test_aarch64_library_is_arm64_elf(tiny_graph, tmp_path):
+    compiled = backends.compile(tiny_graph, "aarch64")
+    folder = compiled.save(tmp_path / "arm")
+    with tarfile.open(folder / "model.tar") as archive:
+        objects = [m for m in archive.getmembers() if m.name.endswith(".o")]
+        assert objects
+        for member in objects:
+            assert _elf_machine(archive.extractfile(member).read()) == EM_AARCH64
+    if not backends.get_target("aarch64").runs_on_host():
+        with pytest.raises(Exception, match="aarch64"):
+            compiled(*tiny_graph.example_inputs)
+
+
+def test_cuda_library_builds(tiny_graph, tmp_path):
+    compiled = backends.compile(tiny_graph, "cuda")
+    folder = compiled.save(tmp_path / "gpu")
+    data = (folder / "model.so").read_bytes()
+    assert _elf_machine(data) == EM_X86_64 and b"cuda" in data  # host code plus the device module
+    if backends.get_target("cuda").runs_on_host():
+        expected = tiny_graph.module(*tiny_graph.example_inputs)
+        assert torch.allclose(backends.load(folder)(*tiny_graph.example_inputs).cpu(), expected, atol=1e-5)
+
+
+def test_c_target_runs(tiny_graph):
+    compiled = backends.compile(tiny_graph, "c")
+    expected = tiny_graph.module(*tiny_graph.example_inputs)
+    assert torch.allclose(compiled(*tiny_graph.example_inputs), expected, atol=1e-6)
+
+
+def test_unknown_target_lists_available(tiny_graph):
+    with pytest.raises(LoweringError, match="available: .*llvm"):
+        backends.compile(tiny_graph, "tpu")
