@@ -12,6 +12,7 @@ $(STAMP): requirements.txt requirements-data.txt setup.py
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "from fxpress.backends.native import build_library; build_library()"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,6 +31,7 @@ test-fast: $(STAMP)
 fixtures: $(STAMP)
 	$(PY) scripts/train_vit_mnist.py
 	$(PY) scripts/train_bnn_digits.py
+	$(PY) scripts/finetune_bnn_mst.py
 	$(PY) scripts/train_cnn_digits.py
 
 clean:

@@ -126,3 +126,9 @@ def test_run_compiles_saves_and_benches(tmp_path):
 def test_out_without_target_is_refused(tmp_path):
     assert_one_line_error(fxpress("run", "cnn-digits", "--pipeline", "dce", "--out", str(tmp_path)),
                           "pass --target too")
+
+
+def test_run_native_target_on_binary_network():
+    result = fxpress("run", "bnn-digits", "--pipeline", "binarize,xnor-mst", "--target", "native")
+    assert result.returncode == 0, result.stderr
+    assert "native: lowered 3 binary layers" in result.stdout and "outputs identical" in result.stdout

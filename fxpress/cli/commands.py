@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 DEMO_MODEL = "vit-mnist"
 DEMO_PIPELINE = "fold-constants,fuse-batchnorm,dce"
-TARGETS = ("eager", *available_targets())
+TARGETS = ("eager", "native", *available_targets())
 
 
 def cmd_passes(args) -> int:
@@ -117,13 +117,32 @@ def cmd_run(args) -> int:
     _, compressed, _ = run_pipeline(model, args.pipeline, args)
     if args.dump_dir:
         console.print(f"dumps in {args.dump_dir}", markup=False)
-    if args.target != "eager":
+    if args.target == "native":
+        run_on_native(model, compressed, args)
+    elif args.target != "eager":
         from fxpress.backends.cli_support import compile_and_save
 
         compile_and_save(compressed, args.target, args.out, console)
     elif args.out:
         raise FxpressError("--out saves a compiled model: pass --target too (e.g. --target llvm)")
     return 0
+
+
+def run_on_native(model: ZooModel, graph: Graph, args) -> None:
+    """Lower the binary ops onto the native bit kernels and check they agree bit for bit."""
+    from fxpress.backends.native import run_native
+
+    if args.out:
+        raise FxpressError("the native target runs in-process and saves no artifact; drop --out")
+    with console.status("building and running the native kernels..."):
+        program = run_native(graph)
+        batches = calibration_batches(model, count=2) or [model.example_inputs]
+        equal = all(torch.equal(program(*batch), graph(*batch)) for batch in batches)
+    if not equal:
+        raise FxpressError("native kernels disagree with the graph on calibration inputs; please report this")
+    lowered = ", ".join(program.lowered) or "none (no binary layers: run binarize first)"
+    console.print(f"native: lowered {len(program.lowered)} binary layers ({lowered}); outputs identical",
+                  markup=False)
 
 
 def cmd_bench(args) -> int:

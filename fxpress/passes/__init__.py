@@ -16,3 +16,5 @@ __all__ = [
 # Built-in passes register themselves on import.
 from fxpress.passes import dce  # noqa: E402,F401
 from fxpress.passes import fold_constants, fuse_batchnorm  # noqa: E402,F401
+from fxpress.passes import binarize  # noqa: E402,F401
+from fxpress.passes import xnor_mst  # noqa: E402,F401
