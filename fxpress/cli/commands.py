@@ -7,6 +7,7 @@ import typing
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 from rich.table import Table
 
 from fxpress.backends import available_targets
@@ -39,7 +40,7 @@ def cmd_passes(args) -> int:
         options = "\n".join(f"{f.name}: {format_type(hints[f.name])} = {format_value(_default(f))}"
                             for f in pass_options(cls)) or "-"
         doc = (cls.__doc__ or "").strip() if args.verbose_docs else cls.summary()
-        table.add_row(name, "yes" if cls.preserves_semantics else "no (lossy)", options, doc)
+        table.add_row(name, "yes" if cls.preserves_semantics else "no (lossy)", escape(options), escape(doc))
     console.print(table)
     return 0
 

@@ -18,3 +18,4 @@ from fxpress.passes import dce  # noqa: E402,F401
 from fxpress.passes import fold_constants, fuse_batchnorm  # noqa: E402,F401
 from fxpress.passes import binarize  # noqa: E402,F401
 from fxpress.passes import xnor_mst  # noqa: E402,F401
+from fxpress.passes import distill, remove_layers, share_weights  # noqa: E402,F401

@@ -160,6 +160,8 @@ def format_type(hint: Any) -> str:
         return " or ".join(format_type(a) for a in args)
     if origin in (tuple, list):
         return f"{format_type(args[0]) if args else 'str'};..."
+    if hint is type(None):
+        return "none"
     return getattr(hint, "__name__", str(hint))
 
 

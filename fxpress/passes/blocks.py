@@ -1,0 +1,270 @@
+"""Repeated residual blocks of a graph: discovery, removal, and a runner that sees their boundaries.
+
+Discovery works from graph structure and module paths, not class names:
+
+1. every op node's module path is split at integer components:
+   ``model.model.layers.7.self_attn.q_proj`` is a candidate block ``7`` of
+   the stack ``model.model.layers``; a stack needs >= 2 blocks;
+2. a block's region is its op nodes (owned by ``<prefix>.<i>`` or its
+   children; ``get_attr`` nodes are not part of a region, so blocks that
+   read another block's weights after ``share-weights`` still qualify);
+3. side inputs are values produced outside the blocks and read by every
+   block (attention masks, rotary cos/sin); the block's hidden input is
+   its one other outside value, and exactly one region node (the hidden
+   output) is read outside, with the input's shape;
+4. the blocks chain: block k+1 reads block k's output.
+
+A graph may hold several stacks (say an encoder and a decoder);
+:func:`find_blocks` returns the one with the most MACs, or None.
+Blocks are recorded by node name, so a stack found on a graph also
+applies to its copies.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch.fx import Node
+
+from fxpress.ir.graph import Graph
+
+log = logging.getLogger(__name__)
+
+_NOT_OPS = ("placeholder", "get_attr", "output")
+_UNUSED = object()  # stands for a value a resumed run never reads
+
+
+@dataclass(frozen=True)
+class Block:
+    """One residual block: its op nodes, hidden input and output (node names)."""
+
+    position: int  # 0..n-1 in the stack, in graph order
+    path: str  # module path, e.g. "model.model.layers.7"
+    label: int  # the integer in the path (the original layer index)
+    nodes: tuple[str, ...]  # op nodes of the region, in graph order
+    input: str
+    output: str
+    params: tuple[str, ...]  # attribute paths the region reads
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """Repeated residual blocks under one module path prefix."""
+
+    prefix: str  # e.g. "model.model.layers"
+    blocks: tuple[Block, ...]
+    side_inputs: tuple[str, ...]
+    macs: int
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def paths(self) -> list[str]:
+        return [b.path for b in self.blocks]
+
+    def describe(self) -> str:
+        side = ", ".join(self.side_inputs) or "none"
+        return f"{len(self.blocks)} blocks under {self.prefix or '<top>'} (side inputs: {side})"
+
+
+def _block_key(path: str) -> list[tuple[str, int, str]]:
+    """(prefix, index, block path) for every integer component of a module path."""
+    parts = path.split(".") if path else []
+    return [(".".join(parts[:j]), int(p), ".".join(parts[:j + 1])) for j, p in enumerate(parts) if p.isdigit()]
+
+
+def _regions(graph: Graph) -> dict[str, dict[int, tuple[str, list[Node]]]]:
+    """prefix -> {index: (block path, op nodes in graph order)}, prefixes with >= 2 blocks."""
+    found: dict[str, dict[int, tuple[str, list[Node]]]] = {}
+    for node in graph.fx.nodes:
+        if node.op in _NOT_OPS:
+            continue
+        for prefix, index, path in _block_key(graph.info(node).module_path):
+            found.setdefault(prefix, {}).setdefault(index, (path, []))[1].append(node)
+    return {p: dict(sorted(v.items())) for p, v in found.items() if len(v) >= 2}
+
+
+def _outside_inputs(region: list[Node]) -> list[Node]:
+    members, seen = set(region), {}
+    for node in region:
+        for arg in node.all_input_nodes:
+            if arg not in members and arg.op != "get_attr":
+                seen.setdefault(arg, None)
+    return list(seen)
+
+
+def _same_shape(graph: Graph, a: Node, b: Node) -> bool:
+    return graph.info(a).shape == graph.info(b).shape
+
+
+def _build_block(graph: Graph, position: int, label: int, path: str, region: list[Node],
+                 shared: set[Node]) -> Block | None:
+    members = set(region)
+    outputs = [n for n in region if any(u not in members for u in n.users)]
+    if len(outputs) != 1:
+        log.debug("%s: %d values leave the block, not one", path, len(outputs))
+        return None
+    hidden = [a for a in _outside_inputs(region) if a not in shared]
+    if len(hidden) > 1:
+        hidden = [a for a in hidden if _same_shape(graph, a, outputs[0])]
+    if len(hidden) != 1 or not _same_shape(graph, hidden[0], outputs[0]):
+        log.debug("%s: no single hidden input with the output's shape", path)
+        return None
+    params = sorted({str(a.target) for n in region for a in n.all_input_nodes if a.op == "get_attr"})
+    return Block(position, path, label, tuple(n.name for n in region), hidden[0].name, outputs[0].name,
+                 tuple(params))
+
+
+def _build_stack(graph: Graph, prefix: str, regions: dict[int, tuple[str, list[Node]]]) -> BlockStack | None:
+    inputs = [set(_outside_inputs(nodes)) for _, nodes in regions.values()]
+    shared = set.intersection(*inputs)
+    blocks = []
+    for position, (label, (path, nodes)) in enumerate(regions.items()):
+        block = _build_block(graph, position, label, path, nodes, shared)
+        if block is None:
+            return None
+        blocks.append(block)
+    if any(b.input != a.output for a, b in zip(blocks, blocks[1:])):
+        log.debug("%s: blocks do not chain (block k+1 must read block k's output)", prefix)
+        return None
+    order = {n.name: i for i, n in enumerate(graph.fx.nodes)}
+    side = tuple(sorted((n.name for n in shared), key=order.__getitem__))
+    macs = sum(graph.info(n).macs for _, nodes in regions.values() for n in nodes)
+    return BlockStack(prefix, tuple(blocks), side, macs)
+
+
+def find_block_stacks(graph: Graph) -> list[BlockStack]:
+    """Every stack of >= 2 chained residual blocks, most MACs first."""
+    stacks = [s for prefix, regions in _regions(graph).items()
+              if (s := _build_stack(graph, prefix, regions)) is not None]
+    return sorted(stacks, key=lambda s: (-s.macs, s.prefix))
+
+
+def find_blocks(graph: Graph) -> BlockStack | None:
+    """The main stack of repeated residual blocks (most MACs), or None when the graph has none."""
+    stacks = find_block_stacks(graph)
+    return stacks[0] if stacks else None
+
+
+def remove_blocks(graph: Graph, stack: BlockStack, positions: Iterable[int]) -> list[str]:
+    """blocks[p](x) -> x for each position, in place on a graph the caller owns (a copy).
+
+    The block's output is replaced by its input outside the block, its nodes
+    are erased, then unread get_attr nodes and tensors.  Call
+    ``graph.recompile()`` afterwards.  Returns the removed block paths.
+    """
+    nodes = {n.name: n for n in graph.fx.nodes}
+    removed = []
+    for position in sorted(set(positions), reverse=True):  # later blocks first: inputs stay alive
+        block = stack.blocks[position]
+        region = [nodes[name] for name in block.nodes]
+        members = set(region)
+        nodes[block.output].replace_all_uses_with(nodes[block.input], delete_user_cb=lambda u: u not in members)
+        for node in reversed(region):
+            graph.fx.erase_node(node)
+        removed.append(block.path)
+    for node in list(graph.fx.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.fx.erase_node(node)
+    graph.remove_unused_attributes()
+    return sorted(removed, key=lambda p: stack.paths.index(p))
+
+
+Transform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class BlockRunner(torch.fx.Interpreter):
+    """Runs a graph and sees every block boundary: records, skips or transforms block outputs.
+
+    ``skip``: positions whose blocks are not run (output := input).
+    ``transform(position, x, y)``: replaces a block's output y (x is its input),
+    e.g. a gate ``x + g * (y - x)``.  With ``record``, ``inputs[p]`` and
+    ``outputs[p]`` hold every block's boundary values after a run, and
+    ``skeleton`` the values outside the blocks that a resumed run needs.
+    """
+
+    def __init__(self, graph: Graph, stack: BlockStack, *, skip: Iterable[int] = (),
+                 transform: Transform | None = None, record: bool = False):
+        super().__init__(graph.module)
+        self.graph_ = graph
+        self.stack = stack
+        self.transform = transform
+        self.record = record
+        nodes = {n.name: n for n in graph.fx.nodes}
+        self._output_of = {nodes[b.output]: b.position for b in stack.blocks}
+        self._input_of: dict[Node, list[int]] = {}
+        for block in stack.blocks:
+            self._input_of.setdefault(nodes[block.input], []).append(block.position)
+        self._skip_positions = set(skip)
+        self._skipped = {nodes[name]: b.position for b in stack.blocks if b.position in self._skip_positions
+                         for name in b.nodes}
+        in_blocks = {nodes[name] for b in stack.blocks for name in b.nodes}
+        last = nodes[stack.blocks[-1].output]
+        before_last = []
+        for node in graph.fx.nodes:
+            if node is last:
+                break
+            before_last.append(node)
+        self._keep = {n for n in before_last if n not in in_blocks and n.op != "get_attr"}
+        self._stash: dict[int, Any] = {}
+        self.inputs: dict[int, Any] = {}
+        self.outputs: dict[int, Any] = {}
+        self.skeleton: dict[Node, Any] = {}
+
+    def run_node(self, n: Node) -> Any:
+        position = self._skipped.get(n)
+        if position is not None:
+            if n not in self._output_of:
+                return None
+            value = self._stash[position]
+        else:
+            value = super().run_node(n)
+        if self.record and n in self._keep:
+            self.skeleton[n] = value
+        if n in self._output_of:
+            value = self._leave(self._output_of[n], value)
+        for pos in self._input_of.get(n, ()):
+            self._stash[pos] = value
+        return value
+
+    def _leave(self, position: int, value: Any) -> Any:
+        block_input = self._stash.pop(position)
+        if self.transform is not None and position not in self._skip_positions:
+            value = self.transform(position, block_input, value)
+        if self.record:
+            self.inputs[position], self.outputs[position] = block_input, value
+        return value
+
+    def __call__(self, *inputs: Any) -> Any:
+        flat, _ = torch.utils._pytree.tree_flatten(list(inputs))
+        return self.run(*flat)
+
+    def resume(self, position: int, skeleton: dict[Node, Any], block_input: Any) -> Any:
+        """Run from block `position` on, given a recorded run's skeleton and that block's input.
+
+        The graph before the block is not run again.  Raises ValueError when
+        the recorded values do not cover what the rest of the graph reads.
+        """
+        nodes = {n.name: n for n in self.graph_.fx.nodes}
+        block = self.stack.blocks[position]
+        start, entry = nodes[block.nodes[0]], nodes[block.input]
+        env: dict[Node, Any] = {}
+        for node in self.graph_.fx.nodes:
+            if node is start:
+                break
+            if node.op == "get_attr":
+                env[node] = self.fetch_attr(str(node.target))
+            elif node is entry:
+                env[node] = block_input
+            else:
+                env[node] = skeleton.get(node, _UNUSED)
+        missing = [n for n, v in env.items() if v is _UNUSED and any(u not in env for u in n.users)]
+        if missing:
+            raise ValueError(f"cannot resume at block {block.path}: {missing[0].format_node()} is needed")
+        for pos in self._input_of.get(entry, ()):
+            self._stash[pos] = block_input
+        return self.graph_.fx.process_outputs(self.run(initial_env=env, enable_io_processing=False))

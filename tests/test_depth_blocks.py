@@ -1,0 +1,138 @@
+"""Residual block discovery (fxpress.passes.blocks) and the block runner, on a tiny random LLaMA and zoo models."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxpress
+from fxpress.ir.verify import verify
+from fxpress.passes import PassContext
+from fxpress.passes.blocks import BlockRunner, find_block_stacks, find_blocks, remove_blocks
+from fxpress.passes.remove_layers import RemoveLayers
+from fxpress.passes.share_weights import ShareWeights
+from fxpress.passes.transformer_blocks import find_transformer_blocks
+
+VOCAB = 64
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> nn.Module:
+    """A random LlamaForCausalLM (GQA, tied embeddings) wrapped to return logits; no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fxpress.zoo import CausalLMLogits
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return CausalLMLogits(LlamaForCausalLM(config)).eval()
+
+
+def token_batches(count: int, seed: int = 1, shape: tuple[int, int] = (2, 8)) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, shape, generator=generator),) for _ in range(count)]
+
+
+def skip_layers(model: nn.Module, removed: list[int]) -> nn.Module:
+    """Hand-built eager reference: a copy of a wrapped HF model without the given layers."""
+    reference = copy.deepcopy(model)
+    inner = reference.model
+    base = inner.model if hasattr(inner, "model") else inner
+    container_owner, attr = (base, "layers") if hasattr(base, "layers") else (base.encoder, "layer")
+    layers = getattr(container_owner, attr)
+    setattr(container_owner, attr, nn.ModuleList(m for i, m in enumerate(layers) if i not in removed))
+    inner.config.num_hidden_layers = len(layers) - len(removed)
+    return reference.eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    return model, fxpress.capture(model, token_batches(1, seed=0)[0])
+
+
+def test_finds_decoder_layers_with_side_inputs(llama):
+    _, graph = llama
+    stack = find_blocks(graph)
+    assert stack.prefix == "model.model.layers"
+    assert stack.paths == [f"model.model.layers.{i}" for i in range(4)]
+    assert [b.label for b in stack.blocks] == [0, 1, 2, 3]
+    assert len(stack.side_inputs) == 3  # attention mask, rotary cos, rotary sin
+    assert stack.blocks[0].input == "embedding"
+    assert all(b.input == a.output for a, b in zip(stack.blocks, stack.blocks[1:]))
+    assert all(p.startswith(b.path + ".") for b in stack.blocks for p in b.params)
+
+
+def test_agrees_with_transformer_block_outputs(llama):
+    _, graph = llama
+    ours = [b.output for b in find_blocks(graph).blocks]
+    assert ours == [b.output.name for b in find_transformer_blocks(graph)]
+
+
+def test_runner_records_and_reproduces_outputs(llama):
+    _, graph = llama
+    stack = find_blocks(graph)
+    (ids,) = token_batches(1, seed=5)[0]
+    runner = BlockRunner(graph, stack, record=True)
+    with torch.no_grad():
+        assert torch.equal(runner(ids), graph(ids))
+    assert sorted(runner.inputs) == [0, 1, 2, 3]
+    assert torch.equal(runner.inputs[2], runner.outputs[1])
+
+
+def test_resumed_skip_run_equals_full_skip_run(llama):
+    _, graph = llama
+    stack = find_blocks(graph)
+    (ids,) = token_batches(1, seed=6)[0]
+    with torch.no_grad():
+        recorder = BlockRunner(graph, stack, record=True)
+        recorder(ids)
+        for position in range(4):
+            resumed = BlockRunner(graph, stack, skip=[position]).resume(position, recorder.skeleton,
+                                                                       recorder.inputs[position])
+            assert torch.equal(resumed, BlockRunner(graph, stack, skip=[position])(ids))
+
+
+def test_remove_blocks_matches_eager_model_without_them(llama):
+    model, graph = llama
+    stack = find_blocks(graph)
+    new = graph.copy()
+    assert remove_blocks(new, stack, [2, 1]) == ["model.model.layers.1", "model.model.layers.2"]
+    new.recompile()
+    verify(new)
+    (ids,) = token_batches(1, seed=7)[0]
+    with torch.no_grad():
+        expected = skip_layers(model, [1, 2])(ids)
+    torch.testing.assert_close(new(ids), expected, rtol=1e-5, atol=1e-5)
+    assert find_blocks(new).paths == ["model.model.layers.0", "model.model.layers.3"]
+
+
+class Plain(nn.Module):
+    """Numbered modules that are not residual (shapes change), and no repeated blocks at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_no_repeated_blocks_is_nothing_to_do():
+    graph = fxpress.capture(Plain(), (torch.randn(2, 4),))
+    assert find_block_stacks(graph) == []
+    ctx = PassContext(calibration=[(torch.randn(2, 4),)])
+    for pass_ in (RemoveLayers(ratio=0.5), ShareWeights(group=2)):
+        result = pass_(graph, ctx)
+        assert result.modified is False and result.graph is graph
+        assert "no repeated residual blocks" in result.stats["reason"]
+
+
+def test_finds_vit_blocks(zoo_model):
+    vit = zoo_model("vit-mnist")
+    graph = fxpress.capture(vit.module, vit.example_inputs)
+    stack = find_blocks(graph)
+    assert stack.paths == [f"blocks.{i}" for i in range(4)] and stack.side_inputs == ()

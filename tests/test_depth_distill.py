@@ -1,0 +1,60 @@
+"""distill: needs a teacher and calibration; moves the student towards the teacher; never writes the input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_depth_blocks import tiny_llama, token_batches
+
+import fxpress
+from fxpress.errors import PipelineError, PreconditionError
+from fxpress.passes import PassContext, PassManager, VerifyAfterPass, parse_pipeline
+from fxpress.passes.distill import Distill, output_kd
+from fxpress.passes.remove_layers import RemoveLayers
+from fxpress.passes.share_weights import ShareWeights
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(layers=4)
+    graph = fxpress.capture(model, token_batches(1, seed=0)[0])
+    calibration = token_batches(8)
+    pruned = RemoveLayers(count=1, metric="last")(graph, PassContext()).graph
+    return model, graph, pruned, calibration
+
+
+def kd_to_teacher(student: fxpress.Graph, teacher: fxpress.Graph, batches: list) -> float:
+    return sum(float(output_kd(student(*b), teacher(*b), b)) for b in batches) / len(batches)
+
+
+@pytest.mark.parametrize("tail", [0, 2])
+def test_distillation_moves_the_student_towards_the_teacher(setup, tail):
+    _, graph, pruned, calibration = setup
+    ctx = PassContext(calibration=calibration, teacher=graph)
+    result = PassManager(f"distill{{steps=16,lr=0.0003,tail={tail}}}", [VerifyAfterPass()]).run(pruned, ctx)
+    distilled = result.graph
+    assert kd_to_teacher(distilled, graph, calibration) < 0.9 * kd_to_teacher(pruned, graph, calibration)
+    stats = result.reports[0].stats
+    assert stats["loss_last"] < stats["loss_first"] and stats["trained_params"] > 0
+    assert distilled.num_params == pruned.num_params
+
+
+def test_module_teacher_and_shared_weights_stay_shared(setup):
+    model, graph, _, calibration = setup
+    shared = ShareWeights(group=2)(graph, PassContext()).graph
+    distilled = Distill(steps=4, lr=0.003, tail=1)(shared, PassContext(calibration=calibration, teacher=model)).graph
+    assert distilled.num_params == shared.num_params  # one trained tensor per shared weight
+    q0 = distilled.attribute("model.model.layers.0.self_attn.q_proj.weight")
+    assert not torch.equal(q0, shared.attribute("model.model.layers.0.self_attn.q_proj.weight"))
+    assert distilled.attribute("model.lm_head.weight") is shared.attribute("model.lm_head.weight")  # frozen, shared
+    assert all(p.grad is None for p in graph.module.parameters())
+
+
+def test_needs_teacher_and_calibration(setup):
+    _, graph, pruned, calibration = setup
+    with pytest.raises(PreconditionError, match="needs a teacher"):
+        Distill(steps=2)(pruned, PassContext(calibration=calibration))
+    with pytest.raises(PreconditionError, match="needs calibration data"):
+        Distill(steps=2)(pruned, PassContext(teacher=graph))
+    with pytest.raises(PipelineError):
+        parse_pipeline("distill{steps=-1}")
+    assert Distill(steps=0)(pruned, PassContext(calibration=calibration, teacher=graph)).modified is False
