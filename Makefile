@@ -33,6 +33,7 @@ fixtures: $(STAMP)
 	$(PY) scripts/train_bnn_digits.py
 	$(PY) scripts/finetune_bnn_mst.py
 	$(PY) scripts/train_cnn_digits.py
+	$(PY) scripts/train_tokens_ae.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

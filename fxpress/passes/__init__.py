@@ -18,4 +18,5 @@ from fxpress.passes import dce  # noqa: E402,F401
 from fxpress.passes import fold_constants, fuse_batchnorm  # noqa: E402,F401
 from fxpress.passes import binarize  # noqa: E402,F401
 from fxpress.passes import xnor_mst  # noqa: E402,F401
+from fxpress.passes import merge_tokens, tail_drop  # noqa: E402,F401
 from fxpress.passes import distill, remove_layers, share_weights  # noqa: E402,F401

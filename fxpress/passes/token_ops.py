@@ -1,0 +1,217 @@
+"""Token-reduction IR ops: `fxpress::merge_tokens` and `fxpress::tail_drop`.
+
+Both are `torch.library` custom ops, so they sit in an FX graph as single
+nodes (`torch.ops.fxpress.merge_tokens.default`), run eagerly through the
+reference PyTorch implementations below, and carry fake kernels so a
+rewritten graph can be traced or re-exported with symbolic shapes.
+
+    merge_tokens(x, metric, size, r, mode, protect_cls, spread, temperature) -> (x', size')
+        x (B, N, C) tokens, size (B, N, 1) tokens merged into each so far
+        (None: all ones).  Removes r tokens (clamped to (N - protect_cls) // 2)
+        and returns X' = (T diag(size) X) / (T size), size' = T size, where T
+        (N' x N) depends on `mode`:
+          bipartite  ToMe: metric (B, N, c) or (B, H, N, c) are keys (averaged
+                     over heads); alternate split A/B, each A token's best B
+                     match by cosine; the r best-matched A tokens are merged
+                     into their match (many-to-one).
+          transform  Token Transforming: same removed set, but each removed token
+                     is spread over its `spread` most similar kept tokens with
+                     weights softmax(cos / temperature) (many-to-many).
+          prune      metric (B, N) is importance (attention received from CLS);
+                     T is one-hot on the N - r most important tokens, in order.
+        Output order: unmerged A tokens (sorted when protect_cls), then B tokens
+        (bipartite, transform); kept tokens in order (prune).  With protect_cls
+        token 0 is never removed or merged into and stays at position 0.
+
+    tail_drop(x, keep) -> x[:, :keep]   (One-D-Piece: keep the head of a 1D token sequence)
+
+Backends lower these ops through the one lowering table,
+`fxpress.backends.register_lowering`; a backend without a rule for them
+raises a LoweringError naming the op and node.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fxpress.ir.macs import MAC_OPS
+
+MODES = ("bipartite", "transform", "prune")
+
+
+# -- reference implementations ----------------------------------------------------------------
+def max_merge(tokens: Any, protect_cls: bool) -> Any:
+    """Largest r the bipartite split allows: half the unprotected tokens."""
+    return (tokens - int(protect_cls)) // 2
+
+
+def _head_sum(metric: Tensor) -> Tensor:
+    """Keys (B, H, N, c) summed over heads: the head mean up to a scale cosine similarity ignores.
+
+    A loop of slice adds, which is faster than `mean(1)` on the strided keys a qkv reshape gives.
+    """
+    if metric.dim() != 4:
+        return metric
+    total = metric[:, 0] + metric[:, 1] if metric.shape[1] > 1 else metric[:, 0].clone()
+    for head in range(2, metric.shape[1]):
+        total += metric[:, head]
+    return total
+
+
+def _bipartite_plan(metric: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe matching: (unmerged A positions, merged A positions, their B targets), each (B, k)."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    if protect_cls:
+        scores[:, 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unmerged, merged = edge_idx[:, r:], edge_idx[:, :r]
+    if protect_cls:
+        unmerged = unmerged.sort(dim=1).values
+    return unmerged, merged, node_idx.gather(dim=1, index=merged)
+
+
+def _combine(x: Tensor, size: Tensor | None, kept: Tensor, removed: Tensor, slots: Tensor,
+             weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """X' = T (size * X) / T size, T: one-hot on `kept` tokens plus `weight` from `removed` to `slots`.
+
+    Written as x'_j = x_j * s_j / t_j + sum_i x_i * w_i s_i / t_j with the totals t = T size
+    computed first on the small size vectors, so the token rows are touched by few flat ops
+    (no x * size, no division pass); a token nothing merges into is copied exactly.
+    """
+    batch, tokens, channels = x.shape
+    kept_count = kept.shape[1]
+    rows = torch.arange(batch, device=x.device)[:, None]
+    flat_kept, flat_removed = (kept + rows * tokens).view(-1), (removed + rows * tokens).view(-1)
+    flat_slots = (slots + rows * kept_count).view(-1)
+    if size is None:
+        own, mass = x.new_ones(flat_kept.shape[0]), None if weight is None else weight.reshape(-1)
+    else:
+        sizes = size.reshape(-1)
+        own, mass = sizes.index_select(0, flat_kept), sizes.index_select(0, flat_removed)
+        mass = mass if weight is None else mass * weight.reshape(-1)
+    mass = own.new_ones(flat_slots.shape[0]) if mass is None else mass
+    total = own.index_add(0, flat_slots, mass)
+    moved_share = mass / total.index_select(0, flat_slots)
+    values = x.reshape(-1, channels)
+    merged = values.index_select(0, flat_kept).mul_((own / total)[:, None])
+    merged.index_add_(0, flat_slots, values.index_select(0, flat_removed).mul_(moved_share[:, None]))
+    return merged.view(batch, kept_count, channels), total.view(batch, kept_count, 1)
+
+
+def _kept_tokens(unmerged: Tensor, tokens: int) -> Tensor:
+    """Token indices in output order: unmerged A tokens, then every B token."""
+    b_tokens = torch.arange(1, tokens, 2, device=unmerged.device).expand(unmerged.shape[0], -1)
+    return torch.cat([unmerged * 2, b_tokens], dim=1)
+
+
+def _bipartite(x: Tensor, size: Tensor | None, metric: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor]:
+    unmerged, merged, targets = _bipartite_plan(metric, r, protect_cls)
+    return _combine(x, size, _kept_tokens(unmerged, x.shape[1]), merged * 2, targets + unmerged.shape[1], None)
+
+
+def _transform(x: Tensor, size: Tensor | None, metric: Tensor, r: int, protect_cls: bool,
+               spread: int, temperature: float) -> tuple[Tensor, Tensor]:
+    unmerged, merged, _ = _bipartite_plan(metric, r, protect_cls)
+    kept, removed = _kept_tokens(unmerged, x.shape[1]), merged * 2
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    pick = lambda index: unit.gather(1, index[..., None].expand(-1, -1, unit.shape[-1]))  # noqa: E731
+    similarity = pick(removed) @ pick(kept).transpose(-1, -2)  # (B, r, N')
+    if protect_cls:
+        similarity[:, :, 0] = -math.inf
+    best, slots = similarity.topk(min(spread, kept.shape[1] - int(protect_cls)), dim=-1)
+    weight = torch.softmax(best / temperature, dim=-1)
+    return _combine(x, size, kept, removed[..., None].expand_as(slots).flatten(1), slots.flatten(1),
+                    weight.flatten(1))
+
+
+def _prune(x: Tensor, size: Tensor | None, importance: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor]:
+    if protect_cls:
+        importance = torch.cat([torch.full_like(importance[:, :1], math.inf), importance[:, 1:]], dim=1)
+    keep = importance.topk(x.shape[1] - r, dim=1).indices.sort(dim=1).values
+    keep = (keep + torch.arange(x.shape[0], device=x.device)[:, None] * x.shape[1]).view(-1)
+    size = torch.ones_like(x[..., :1]) if size is None else size
+    pick = lambda values: values.reshape(-1, values.shape[-1]).index_select(0, keep)  # noqa: E731
+    return pick(x).view(x.shape[0], -1, x.shape[-1]), pick(size).view(x.shape[0], -1, 1)
+
+
+def reduce_tokens(x: Tensor, metric: Tensor, size: Tensor | None, r: int, mode: str,
+                  protect_cls: bool = True, spread: int = 3, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+    """Reference implementation of `fxpress::merge_tokens` (see module doc)."""
+    if mode not in MODES:
+        raise ValueError(f"merge_tokens: unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    r = max(0, min(int(r), max_merge(x.shape[1], protect_cls)))
+    if r == 0:
+        return x.clone(), torch.ones_like(x[..., :1]) if size is None else size.clone()
+    metric = _head_sum(metric)
+    if mode == "bipartite":
+        return _bipartite(x, size, metric, r, protect_cls)
+    if mode == "transform":
+        return _transform(x, size, metric, r, protect_cls, spread, temperature)
+    return _prune(x, size, metric, r, protect_cls)
+
+
+# -- the IR ops ---------------------------------------------------------------------------------
+# Defined with a plain torch.library fragment rather than @custom_op, whose Python wrapper made each
+# merge measurably slower inside a batch-64 ViT.  Inference only: the ops have no autograd kernel.
+_LIBRARY = torch.library.Library("fxpress", "FRAGMENT")
+_LIBRARY.define("merge_tokens(Tensor x, Tensor metric, Tensor? size, SymInt r, str mode, bool protect_cls, "
+                "SymInt spread, float temperature) -> (Tensor, Tensor)")
+_LIBRARY.define("tail_drop(Tensor x, SymInt keep) -> Tensor")
+
+
+def _merge_tokens(x: Tensor, metric: Tensor, size: Tensor | None, r: int, mode: str, protect_cls: bool,
+                  spread: int, temperature: float) -> tuple[Tensor, Tensor]:
+    with torch.no_grad():
+        return reduce_tokens(x, metric, size, r, mode, protect_cls, spread, temperature)
+
+
+def _merge_tokens_fake(x, metric, size, r, mode, protect_cls, spread, temperature):
+    removed = torch.sym_max(0, torch.sym_min(r, max_merge(x.shape[1], protect_cls)))
+    tokens = x.shape[1] - removed
+    return x.new_empty(x.shape[0], tokens, x.shape[2]), x.new_empty(x.shape[0], tokens, 1)
+
+
+def _tail_drop(x: Tensor, keep: int) -> Tensor:
+    return x[:, :keep].clone()
+
+
+def _tail_drop_fake(x, keep):
+    return x.new_empty(x.shape[0], torch.sym_min(keep, x.shape[1]), *x.shape[2:])
+
+
+_LIBRARY.impl("merge_tokens", _merge_tokens, "CompositeExplicitAutograd")
+_LIBRARY.impl("tail_drop", _tail_drop, "CompositeExplicitAutograd")
+torch.library.register_fake("fxpress::merge_tokens", _merge_tokens_fake, lib=_LIBRARY)
+torch.library.register_fake("fxpress::tail_drop", _tail_drop_fake, lib=_LIBRARY)
+
+MERGE_TOKENS = torch.ops.fxpress.merge_tokens.default  # (x', size') = T-reduction of x; see the module doc
+TAIL_DROP = torch.ops.fxpress.tail_drop.default  # x[:, :keep]
+
+
+def _merge_macs(arg_shapes: list, out: Any) -> int:
+    """Token similarity: one side (N/2 tokens) against the other, over the metric's width."""
+    tokens, metric = arg_shapes[0], arg_shapes[1]
+    if not tokens or not metric:
+        return 0
+    return tokens[0] * ((tokens[1] + 1) // 2) * (tokens[1] // 2) * metric[-1]
+
+
+MAC_OPS[MERGE_TOKENS] = _merge_macs
+TOKEN_OPS = (MERGE_TOKENS, TAIL_DROP)
+
+
+# -- r schedules ---------------------------------------------------------------------------------
+def r_schedule(r: int, depth: int, schedule: str) -> list[int]:
+    """Tokens to remove per block: `constant` r, or `decreasing` from 1.5r to 0.5r (ToMe's inflect=-0.5)."""
+    if schedule == "constant" or depth == 1:
+        return [r] * depth
+    if schedule != "decreasing":
+        raise ValueError(f"unknown schedule {schedule!r}; choose constant or decreasing")
+    first, last = int(r * 1.5), 2 * r - int(r * 1.5)
+    step = (last - first) / (depth - 1)
+    return [int(first + step * i) for i in range(depth)]
