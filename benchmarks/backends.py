@@ -1,10 +1,13 @@
 """Latency of each zoo model on every backend, in one run.
 
-    python benchmarks/backends.py [--quick] [--models vit-mnist,minilm] --json PATH
+    python benchmarks/backends.py [--quick] [--models vit-mnist,minilm] [--tune-trials N]
+                                  [--tuning-dir DIR] --json PATH
 
 Backends: eager, torch.compile, onnxruntime, tvm (fxpress default schedules),
-tvm-tuned (MetaSchedule; skipped while tuning is unavailable).  Threads 1 and
-2 (--quick: 1 thread, no tuning).  Each row: model, backend, threads,
+tvm-tuned (MetaSchedule, N trials over the heaviest functions; the database
+goes to DIR/<model> and is reused by the next run, else a temporary folder;
+compile_s of a first run includes ~40 s of TVM start-up for tuning).
+Threads 1 and 2 (--quick: 1 thread, no tuning).  Each row: model, backend, threads,
 latency_ms (median of interleaved rounds), ratio_to_eager, max_abs_err
 (vs eager), compile_s.  The summary gives the geometric mean of tvm/eager.
 """
@@ -14,6 +17,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,7 +37,7 @@ def bench_inputs(model) -> tuple:
     return tuple(model.example_inputs)
 
 
-def build_backends(model, inputs, tune_trials: int) -> dict[str, tuple]:
+def build_backends(model, inputs, tune_trials: int, tuning_dir: str | None = None) -> dict[str, tuple]:
     """backend name -> (callable, compile seconds)."""
     graph = capture(model.module, inputs, name=model.name)
     built: dict[str, tuple] = {"eager": (model.module, 0.0)}
@@ -46,19 +50,21 @@ def build_backends(model, inputs, tune_trials: int) -> dict[str, tuple]:
         compiled = backends.compile(graph, target)
         built[name] = (compiled, compiled.info["compile_s"])
     if tune_trials:
+        folder = str(Path(tuning_dir) / model.name) if tuning_dir else None
         try:
-            compiled = backends.compile(graph, "llvm", tune_trials=tune_trials)
+            compiled = backends.compile(graph, "llvm", tune_trials=tune_trials, tuning_dir=folder)
             built["tvm-tuned"] = (compiled, compiled.info["compile_s"])
         except Exception as err:  # noqa: BLE001 - report and go on with the other backends
             print(f"  tvm-tuned skipped for {model.name}: {err}")
     return built
 
 
-def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: int) -> list[dict]:
+def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: int,
+            tuning_dir: str | None = None) -> list[dict]:
     model = load_model(model_name)
     inputs = bench_inputs(model)
     torch.set_num_threads(max(threads_list))
-    built = build_backends(model, inputs, tune_trials)
+    built = build_backends(model, inputs, tune_trials, tuning_dir)
     with torch.no_grad():
         reference = model.module(*inputs)
     rows = []
@@ -97,7 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 thread, no tuning, fewer rounds")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--tune-trials", type=int, default=64)
+    parser.add_argument("--tune-trials", type=int, default=64, help="MetaSchedule trials per model (0: no tvm-tuned)")
+    parser.add_argument("--tuning-dir", help="keep tuning databases in DIR/<model> and reuse them")
     parser.add_argument("--json", help="write {'rows': [...]} here")
     args = parser.parse_args()
     threads = [1] if args.quick else [1, 2]
@@ -105,7 +112,7 @@ def main() -> None:
     rows: list[dict] = []
     for name in args.models.split(","):
         print(f"== {name}", flush=True)
-        rows += measure(name.strip(), threads, trials, rounds=3 if args.quick else 5)
+        rows += measure(name.strip(), threads, trials, rounds=3 if args.quick else 5, tuning_dir=args.tuning_dir)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:

@@ -27,8 +27,10 @@ def compile(graph: Graph, target: str = "llvm", *, dynamic: bool = False, tune_t
 
     dynamic: keep the graph's dynamic dims (otherwise shapes are those of the
     example inputs, which lets schedules and tuning specialize).
-    tune_trials: MetaSchedule trials (TVM CPU targets); the database in
-    `tuning_dir` is reused by the next compile of the same functions.
+    tune_trials: MetaSchedule trials (llvm only), spread over the heaviest functions; every
+    function's default schedule is measured and recorded too, so tuning never loses to it.
+    tuning_dir: the JSON tuning database; a later compile with the same folder reuses it
+    (functions with a record are not tuned again). Without it, a temporary folder.
     schedule: apply fxpress's default CPU schedules (False: TVM's naive loops).
     """
     if not isinstance(graph, Graph):
@@ -54,14 +56,34 @@ def _build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: in
     from fxpress.backends.tvm.lowering import to_relax
 
     lowered = to_relax(graph, dynamic=dynamic)
-    database = None
     info: dict = {}
+    database = None
     if tune_trials or tuning_dir:
-        raise LoweringError("MetaSchedule tuning is not available yet in fxpress (tune_trials/tuning_dir); "
-                            "compile without them to use the default schedules")
+        database, info["tuning"] = _tune(lowered, spec, tune_trials, tuning_dir, fast_math=schedule)
     executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule)
     info["tvm_compile_s"] = round(seconds, 3)
     return executable, lowered.inputs, info
+
+
+def _tune(lowered, spec: TargetSpec, trials: int, tuning_dir: str | Path | None,
+          fast_math: bool) -> tuple[str, dict]:
+    """Tune into `tuning_dir` (a temporary folder when None); returns the folder and a summary."""
+    import tempfile
+
+    from fxpress.backends.tvm.build import make_target
+    from fxpress.backends.tvm.pipeline import fused_module
+    from fxpress.backends.tvm.tuning import tune
+
+    if spec.name != "llvm":
+        raise LoweringError(f"MetaSchedule tuning is implemented for target 'llvm' only, not {spec.name!r}")
+    if trials < 0:
+        raise LoweringError(f"tune_trials must be >= 0, got {trials}")
+    folder = str(tuning_dir) if tuning_dir else tempfile.mkdtemp(prefix="fxpress-tuning-")
+    target = make_target(spec)
+    report = tune(fused_module(lowered.mod, target, fast_math=fast_math), target, folder, trials)  # as the build
+    summary = {"dir": folder, "tasks": report.tasks, "tuned": len(report.tuned), "trials": report.trials,
+               "seconds": round(report.seconds, 2)}
+    return folder, summary
 
 
 def load(folder: str | Path) -> CompiledModel:

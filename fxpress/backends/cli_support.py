@@ -12,13 +12,16 @@ from fxpress.errors import FxpressError
 from fxpress.ir import Graph
 
 
-def compile_and_save(graph: Graph, target: str, out: str | None, console) -> None:
+def compile_and_save(graph: Graph, target: str, out: str | None, console, tune_trials: int = 0,
+                     tuning_dir: str | None = None) -> None:
     """After `fxpress run`'s pipeline: compile the result for `target`, save to `out`, report."""
     if target not in available_targets():
         raise FxpressError(f"unknown target {target!r}; available: eager, {', '.join(available_targets())}")
     with console.status(f"compiling {graph.name} for {target}..."):
-        compiled = compile(graph, target)
+        compiled = compile(graph, target, tune_trials=tune_trials, tuning_dir=tuning_dir)
     console.print(f"compiled for {target} in {compiled.info['compile_s']:.1f} s", markup=False)
+    if "tuning" in compiled.info:
+        console.print(f"tuning: {compiled.info['tuning']}", markup=False)
     if out:
         folder = compiled.save(Path(out))
         console.print(f"saved to {folder}", markup=False)

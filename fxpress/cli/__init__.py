@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo name or path/to/file.py:factory")
     _add_pipeline_options(p, None)
     p.add_argument("--out", help="save the compiled model here (with --target)")
+    p.add_argument("--tune-trials", type=int, default=0,
+                   help="MetaSchedule trials (target llvm; 0: default schedules)")
+    p.add_argument("--tuning-dir", help="tuning database folder; later runs reuse it")
     p.set_defaults(func=commands.cmd_run)
 
     p = sub.add_parser("bench", help="time a saved compiled model (see run --target T --out DIR)")

@@ -123,7 +123,8 @@ def cmd_run(args) -> int:
     elif args.target != "eager":
         from fxpress.backends.cli_support import compile_and_save
 
-        compile_and_save(compressed, args.target, args.out, console)
+        compile_and_save(compressed, args.target, args.out, console,
+                         tune_trials=args.tune_trials, tuning_dir=args.tuning_dir)
     elif args.out:
         raise FxpressError("--out saves a compiled model: pass --target too (e.g. --target llvm)")
     return 0

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fxpress.backends.signature import TensorSpec, input_specs
-from fxpress.backends.tvm import rules
+from fxpress.backends.tvm import aten_rules, rules  # noqa: F401 - aten_rules registers its rules
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
 
@@ -46,6 +46,11 @@ def export_graph(graph: Graph, dynamic: bool) -> torch.export.ExportedProgram:
     except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
         raise LoweringError(f"cannot re-export graph {graph.name} for lowering: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """torch.int64 -> "int64" (the TVM name)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _known_ops() -> set[str]:

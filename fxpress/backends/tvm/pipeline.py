@@ -1,7 +1,9 @@
 """Relax pipelines per target: the default lowering plus fxpress's CPU schedules.
 
 TVM's default CPU pipeline legalizes and fuses but leaves every TIR
-function unscheduled (naive loops).  Ours adds, after fusion:
+function unscheduled (naive loops).  On llvm ours legalizes softmax, GELU,
+SiLU, exp, erf, tanh with vectorizable polynomials (:mod:`.fast_math`;
+libm's expf/erff run one lane at a time), then adds, after fusion:
 
 1. ``MetaScheduleApplyDatabase`` when a tuning database is given (tuned
    functions are marked scheduled and left alone), then
@@ -18,11 +20,13 @@ import tvm
 from tvm import relax
 
 
-def _legalize_and_fuse() -> list:
+def _legalize_and_fuse(fast_math: bool) -> list:
+    from fxpress.backends.tvm.fast_math import legalize_map
+
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(legalize_map() if fast_math else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -65,9 +69,14 @@ def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,
     return passes
 
 
-def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """`mod` after param lifting, legalization and fusion: the functions schedules and tuning see."""
-    seq = tvm.transform.Sequential([relax.transform.LiftTransformParams(), *_legalize_and_fuse()])
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool | None = None) -> tvm.IRModule:
+    """`mod` after param lifting, legalization and fusion: the functions schedules and tuning see.
+
+    fast_math (default: on for llvm): exp/erf/tanh as vectorizable polynomials (:mod:`.fast_math`).
+    """
+    if fast_math is None:
+        fast_math = target.kind.name == "llvm"
+    seq = tvm.transform.Sequential([relax.transform.LiftTransformParams(), *_legalize_and_fuse(fast_math)])
     with target:
         return seq(mod)
 
@@ -79,7 +88,7 @@ def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None
     @tvm.transform.module_pass(opt_level=0, name="fxpress_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            mod = fused_module(mod, target)
+            mod = fused_module(mod, target, fast_math=schedule and target.kind.name == "llvm")
             seq = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule)
                                            + _lower_and_finalize(cuda=target.kind.name == "cuda"))
             return seq(mod)

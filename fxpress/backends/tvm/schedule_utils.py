@@ -14,6 +14,15 @@ def root_block(sch: s_tir.Schedule):
     return sch.get_sblock("root") if hasattr(sch, "get_sblock") else sch.get_block("root")
 
 
+def has_root_block(func: tirx.PrimFunc) -> bool:
+    """False for opaque functions without a ``root`` block (e.g. TOPI's generic cumsum)."""
+    try:
+        root_block(s_tir.Schedule(func))
+    except Exception:  # noqa: BLE001 - ScheduleError: no block named root
+        return False
+    return True
+
+
 def extent(sch: s_tir.Schedule, loop) -> int | object:
     """A loop's extent as an int when static, else the symbolic expression."""
     value = sch.get(loop).extent
@@ -43,3 +52,14 @@ def multiply_add_reads(stmt) -> bool:
     """A block with exactly two buffer reads besides its output: C += A * B."""
     reads = [r for r in stmt.reads if not any(r.source.same_as(w.source) for w in stmt.writes)]
     return len(reads) == 2 and len(stmt.reads) in (2, 3)
+
+
+def vector_factor(size, lanes: int) -> int | None:
+    """The largest divisor of a static `size` in [2, 2*lanes], so a vectorized loop needs no tail
+    predicate (a predicated vector loop is scalarized); None when there is none."""
+    if not isinstance(size, int):
+        return None
+    for factor in range(min(size, 2 * lanes), 1, -1):
+        if size % factor == 0:
+            return factor
+    return None

@@ -10,7 +10,8 @@ Each rule takes a PrimFunc and returns a scheduled ``s_tir.Schedule`` or None
   innermost; B is packed to ``[s, k, j]`` when it is not already contiguous
   in j; the epilogue runs per tile while it is in cache.
 - conv2d has no rule of its own yet (the small zoo convs are cheap).
-- dlight's ``cpu.GEMV`` and ``cpu.Reduction`` (softmax, layer norm).
+- dlight's ``cpu.GEMV``, then :class:`~.reduction_schedule.RowReduction` (softmax, layer
+  norm: dlight's ``cpu.Reduction`` with vectorized partial accumulators).
 - :class:`Injective`: elementwise/transposes: outer loops fused and
   parallel, innermost vectorized.
 """
@@ -26,7 +27,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from fxpress.backends.tvm.schedule_utils import (extent, is_cpu, multiply_add_reads, pick_factor,
-                                                 root_block, vector_lanes)
+                                                 has_root_block, root_block, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Matmul(ScheduleRule):
     """Register-blocked matmul with packing and fused epilogue."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
             return None
         sch = s_tir.Schedule(func)  # checks stay on: unchecked reverse_compute_at misplaced epilogues
         reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
@@ -164,7 +165,7 @@ class Injective(ScheduleRule):
     """All-spatial functions: outer loops fused and parallel, the innermost vectorized."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(root_block(sch))
@@ -187,7 +188,9 @@ def cpu_rules() -> list[ScheduleRule]:
     """The rules ApplyDefaultSchedule tries on llvm targets, most specific first."""
     from tvm.s_tir import dlight as dl
 
-    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Injective()]
+    from fxpress.backends.tvm.reduction_schedule import RowReduction
+
+    return [Matmul(), dl.cpu.GEMV(), RowReduction(), Injective()]
 
 
 __all__ = ["Injective", "Matmul", "cpu_rules", "llvm_get_vector_width"]

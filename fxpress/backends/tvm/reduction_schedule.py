@@ -1,0 +1,112 @@
+"""Row reductions on CPU (softmax, layer norm, RMS norm) with split accumulators.
+
+dlight's ``cpu.Reduction`` parallelizes the rows, computes every block at the
+row loop and vectorizes the elementwise blocks, but its reductions run as one
+scalar chain per row (``max`` then ``+`` over 50 or 384 elements: latency
+bound) and its vector loops carry a ``where`` tail that LLVM scalarizes.
+
+:class:`RowReduction` keeps dlight's structure and adds, per row:
+
+- each single reduction over ``n`` is split ``n = n/F x F`` and rfactored:
+  ``F`` partial accumulators (a vector) run over ``n/F`` steps, then one chain
+  of ``F`` combines them; ``F`` divides ``n`` and minimizes ``n/F + F``;
+- vector loops use a divisor of the row (25 for 50), never a predicated tail.
+
+Sums are reassociated (float rounding differs from a sequential sum by a few
+ulp); max is exact.  Functions the rfactor path refuses get dlight's schedule.
+"""
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight import cpu as dl_cpu
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+from fxpress.backends.tvm.schedule_utils import extent, root_block, vector_factor, vector_lanes
+
+log = logging.getLogger(__name__)
+
+MAX_ACCUMULATORS = 32
+
+
+def accumulator_count(size) -> int | None:
+    """The divisor F of a static `size` (2 <= F <= 32, F < size) minimizing size/F + F, larger on ties."""
+    if not isinstance(size, int):
+        return None
+    divisors = [f for f in range(2, min(MAX_ACCUMULATORS, size - 1) + 1) if size % f == 0]
+    return min(divisors, key=lambda f: (size // f + f, -f)) if divisors else None
+
+
+def _leading_spatial(sch: s_tir.Schedule) -> int | None:
+    """dlight's row count: the spatial axes every block starts with (after normalizing the func)."""
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    kinds = [info.dom_kind() for info in infos]
+    return min(len(kind) - len(kind.lstrip("S")) for kind in kinds) or None
+
+
+def _split_reductions(sch: s_tir.Schedule) -> set[str]:
+    """rfactor every block whose only reduction is its innermost loop; names of the rf blocks."""
+    rf_blocks = set()
+    for block in sch.get_child_blocks(root_block(sch)):
+        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+        loops = sch.get_loops(block)
+        if kinds.count(tirx.IterVar.CommReduce) != 1 or kinds[-1] != tirx.IterVar.CommReduce:
+            continue
+        factor = accumulator_count(extent(sch, loops[-1]))
+        if factor is None:
+            continue
+        _, inner = sch.split(loops[-1], [None, factor])
+        rf_blocks.add(sch.get(sch.rfactor(inner, len(loops) - 1)).name_hint)
+    return rf_blocks
+
+
+def _vectorize_row(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    factor = vector_factor(extent(sch, loops[-1]), lanes) if len(loops) > 1 else None  # not the row loop
+    if factor:
+        _, inner = sch.split(loops[-1], [None, factor])
+        sch.vectorize(inner)
+
+
+class RowReduction(dl_cpu.Reduction):
+    """Softmax / norm functions: parallel rows, vectorized partial accumulators, tail-free vectors."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        fallback = super().apply(func, target, tunable)
+        if fallback is None:
+            return None
+        try:
+            return self._schedule(func, target)
+        except Exception as err:  # noqa: BLE001 - a primitive refused: keep dlight's schedule
+            log.debug("row reduction kept dlight's schedule: %s", err)
+            return fallback
+
+    @staticmethod
+    def _schedule(func: tirx.PrimFunc, target: Target) -> s_tir.Schedule:
+        sch = s_tir.Schedule(func)
+        rows = _leading_spatial(sch)
+        if rows is None:
+            raise ValueError("no leading spatial axes")
+        rf_blocks = _split_reductions(sch)
+        if not rf_blocks:
+            raise ValueError("no reduction to split")
+        blocks = sch.get_child_blocks(root_block(sch))
+        loops = sch.get_loops(blocks[-1])
+        spatial = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+        sch.parallel(spatial)
+        for block in reversed(blocks[:-1]):
+            sch.compute_at(block, spatial, preserve_unit_loops=True)
+        lanes = vector_lanes(target, sch.get(blocks[-1]))
+        for block in blocks:
+            stmt = sch.get(block)
+            if stmt.name_hint in rf_blocks:
+                partial, steps = sch.get_loops(block)[-2:]
+                sch.reorder(steps, partial)
+                sch.vectorize(partial)
+            elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
+                _vectorize_row(sch, block, lanes)
+        return sch

@@ -1,0 +1,71 @@
+"""MetaSchedule tuning (llvm): in-process builder/runner, a JSON database reused by the next compile.
+
+One tuning run per session (module fixture): ~40 s, most of it TVM importing its tensor
+intrinsics when the first TuneContext is made.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fxpress import backends
+from fxpress.errors import LoweringError
+from fxpress.ir import capture
+
+TRIALS = 8
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x)).softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(32, 64)
+    graph = capture(model, (x,), name="block")
+    folder = tmp_path_factory.mktemp("tuning")
+    first = backends.compile(graph, "llvm", tune_trials=TRIALS, tuning_dir=folder)
+    return model, x, graph, folder, first
+
+
+def test_tuning_records_every_function_and_matches_eager(tuned):
+    model, x, _, folder, first = tuned
+    report = first.info["tuning"]
+    assert report["tuned"] >= 1 and report["trials"] == TRIALS and report["tasks"] >= 3
+    records = (folder / "database_tuning_record.json").read_text().splitlines()
+    workloads = (folder / "database_workload.json").read_text().splitlines()
+    assert len(workloads) == report["tasks"] and len(records) >= report["tasks"] + 1
+    assert all(json.loads(line) for line in records)
+    assert (first(x) - model(x)).abs().max().item() < 1e-5
+
+
+def test_second_compile_reuses_database_without_trials(tuned):
+    model, x, graph, folder, first = tuned
+    records_before = (folder / "database_tuning_record.json").read_text()
+    again = backends.compile(graph, "llvm", tune_trials=TRIALS, tuning_dir=folder)
+    assert again.info["tuning"]["tuned"] == 0 and again.info["tuning"]["trials"] == 0
+    assert again.info["tuning"]["seconds"] < 5
+    assert (folder / "database_tuning_record.json").read_text() == records_before
+    assert torch.equal(again(x), first(x))
+
+
+def test_tuning_dir_alone_applies_the_database(tuned):
+    model, x, graph, folder, _ = tuned
+    applied = backends.compile(graph, "llvm", tuning_dir=folder)
+    assert applied.info["tuning"]["trials"] == 0
+    assert (applied(x) - model(x)).abs().max().item() < 1e-5
+
+
+def test_tuning_other_targets_is_a_clear_error(tuned):
+    graph = tuned[2]
+    with pytest.raises(LoweringError, match="target .llvm. only"):
+        backends.compile(graph, "aarch64", tune_trials=4)
