@@ -6,6 +6,7 @@ soft matching, and an eager ToMe forward of each ViT.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from fxpress.errors import LoweringError, PassError, PipelineError, Precondition
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass, parse_pipeline
 from fxpress.passes.merge_tokens import MergeTokens
-from fxpress.passes.token_ops import MERGE_TOKENS, r_schedule, reduce_tokens
+from fxpress.passes.token_ops import MERGE_TOKENS, _combine, _kept_tokens, r_schedule, reduce_tokens
 from fxpress.passes.transformer_blocks import find_transformer_blocks
 
 torch.set_num_threads(1)
@@ -164,6 +165,38 @@ def test_bipartite_matches_independent_reference_on_random_tokens(tokens, r, pro
         assert merged.shape == (3, tokens - min(r, (tokens - protect) // 2), 6)
         torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(sizes, expected_sizes)
+
+
+def previous_bipartite(x, keys, size, r, protect_cls):
+    """The op's bipartite path before it was specialised: max over the A-major score rows, generic `_combine`."""
+    r = min(r, (x.shape[1] - int(protect_cls)) // 2)
+    metric = functools.reduce(torch.add, keys.unbind(1)) if keys.dim() == 4 else keys  # heads in order
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    scores = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)
+    if protect_cls:
+        scores[:, 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)
+    unmerged, merged = edge_idx[:, r:], edge_idx[:, :r]
+    if protect_cls:
+        unmerged = unmerged.sort(dim=1).values
+    targets = node_idx.gather(1, merged)
+    return _combine(x, size, _kept_tokens(unmerged, x.shape[1]), merged * 2, targets + unmerged.shape[1], None)
+
+
+@pytest.mark.parametrize("tokens,r,protect,heads", [(50, 15, True, 4), (35, 11, True, 4), (24, 8, True, 1),
+                                                    (17, 5, False, 3), (16, 8, False, 0), (9, 4, True, 2)])
+def test_bipartite_fast_path_equals_previous_path(tokens, r, protect, heads):
+    generator = torch.Generator().manual_seed(tokens * 10 + r)
+    x = torch.randn(8, tokens, 16, generator=generator)
+    keys = torch.randn(8, tokens, 3, max(heads, 1), 5, generator=generator).permute(2, 0, 3, 1, 4)[1]  # qkv view
+    keys = keys[:, 0] if heads == 0 else keys  # (B, N, c) metric
+    size = torch.randint(1, 5, (8, tokens, 1), generator=generator).float()
+    for given_size in (None, size):
+        merged, sizes = reduce_tokens(x, keys, given_size, r, "bipartite", protect)
+        expected, expected_sizes = previous_bipartite(x, keys, given_size, r, protect)
+        torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(sizes, expected_sizes, atol=0, rtol=0)
 
 
 def test_op_r_zero_is_exact_and_heads_average():

@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxpress.ir.macs import MAC_OPS
@@ -48,26 +49,38 @@ def max_merge(tokens: Any, protect_cls: bool) -> Any:
     return (tokens - int(protect_cls)) // 2
 
 
-def _head_sum(metric: Tensor) -> Tensor:
-    """Keys (B, H, N, c) summed over heads: the head mean up to a scale cosine similarity ignores.
+def _unit_keys(metric: Tensor) -> Tensor:
+    """Keys (B, H, N, c) summed over heads, or a metric (B, N, c), scaled to unit length per token.
 
-    A loop of slice adds, which is faster than `mean(1)` on the strided keys a qkv reshape gives.
+    The head sum is the head mean up to a scale cosine similarity ignores, written as a loop of slice
+    adds (faster than `sum(1)` on the strided keys a qkv reshape gives) and normalised in place.
     """
     if metric.dim() != 4:
-        return metric
-    total = metric[:, 0] + metric[:, 1] if metric.shape[1] > 1 else metric[:, 0].clone()
-    for head in range(2, metric.shape[1]):
-        total += metric[:, head]
-    return total
+        return metric / metric.norm(dim=-1, keepdim=True)
+    heads = metric.unbind(1)
+    total = heads[0] + heads[1] if len(heads) > 1 else heads[0].clone()
+    for head in heads[2:]:
+        total += head
+    return total.div_(total.norm(dim=-1, keepdim=True))
 
 
-def _bipartite_plan(metric: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _best_match(unit: Tensor) -> tuple[Tensor, Tensor]:
+    """Each A token's best B match by cosine: (similarity, B index), each (B, A tokens).
+
+    The scores are computed B-major, (B, B tokens, A tokens), so that their transpose is a
+    channels-last pooling input: a max-pool over the B tokens runs several times faster than
+    `max(dim=-1)` on these short rows, with the same values and the same first-maximum index.
+    """
+    scores = unit[:, 1::2] @ unit[:, ::2].mT
+    best, index = F.max_pool2d(scores.mT.unsqueeze(2), (1, scores.shape[1]), return_indices=True)
+    return best.flatten(1), index.flatten(1)
+
+
+def _bipartite_plan(unit: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe matching: (unmerged A positions, merged A positions, their B targets), each (B, k)."""
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    node_max, node_idx = _best_match(unit)
     if protect_cls:
-        scores[:, 0, :] = -math.inf
-    node_max, node_idx = scores.max(dim=-1)
+        node_max.select(1, 0).fill_(-math.inf)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     unmerged, merged = edge_idx[:, r:], edge_idx[:, :r]
     if protect_cls:
@@ -109,16 +122,35 @@ def _kept_tokens(unmerged: Tensor, tokens: int) -> Tensor:
     return torch.cat([unmerged * 2, b_tokens], dim=1)
 
 
-def _bipartite(x: Tensor, size: Tensor | None, metric: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor]:
-    unmerged, merged, targets = _bipartite_plan(metric, r, protect_cls)
-    return _combine(x, size, _kept_tokens(unmerged, x.shape[1]), merged * 2, targets + unmerged.shape[1], None)
+def _bipartite(x: Tensor, size: Tensor | None, unit: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor]:
+    """`_combine` specialised to many-to-one merges into B tokens, with fewer and smaller ops.
+
+    Rows are flat indices b * N + token into x; sizes are gathered with the same indices (`take`),
+    totals are scatter-added per B token, and only the B rows are rescaled.  The arithmetic is
+    `_combine`'s term for term (x_j * (s_j / t_j) + x_i * (s_i / t_j), added in the same order).
+    """
+    batch, tokens, channels = x.shape
+    unmerged, merged, targets = _bipartite_plan(unit, r, protect_cls)
+    kept_a, out_tokens = unmerged.shape[1], tokens - r
+    offsets = torch.arange(0, batch * tokens, tokens, device=x.device).unsqueeze(1)
+    a_rows, moved_rows = torch.add(offsets, unmerged, alpha=2), torch.add(offsets, merged, alpha=2)
+    b_rows = torch.arange(1, tokens, 2, device=x.device) + offsets
+    sizes = x.new_ones(batch, tokens) if size is None else size.view(batch, tokens)
+    moved_size, b_size = sizes.take(moved_rows), sizes[:, 1::2]
+    total = b_size.scatter_add(1, targets, moved_size)
+    values = x.reshape(-1, channels)
+    out = values.index_select(0, torch.cat([a_rows, b_rows], dim=1).view(-1)).view(batch, out_tokens, channels)
+    out[:, kept_a:].mul_((b_size / total).unsqueeze(-1))
+    moved = values.index_select(0, moved_rows.view(-1)).mul_(moved_size.div_(total.gather(1, targets)).view(-1, 1))
+    slots = torch.arange(kept_a, batch * out_tokens, out_tokens, device=x.device).unsqueeze(1) + targets
+    out.view(-1, channels).index_add_(0, slots.view(-1), moved)
+    return out, torch.cat([sizes.take(a_rows), total], dim=1).unsqueeze(-1)
 
 
-def _transform(x: Tensor, size: Tensor | None, metric: Tensor, r: int, protect_cls: bool,
+def _transform(x: Tensor, size: Tensor | None, unit: Tensor, r: int, protect_cls: bool,
                spread: int, temperature: float) -> tuple[Tensor, Tensor]:
-    unmerged, merged, _ = _bipartite_plan(metric, r, protect_cls)
+    unmerged, merged, _ = _bipartite_plan(unit, r, protect_cls)
     kept, removed = _kept_tokens(unmerged, x.shape[1]), merged * 2
-    unit = metric / metric.norm(dim=-1, keepdim=True)
     pick = lambda index: unit.gather(1, index[..., None].expand(-1, -1, unit.shape[-1]))  # noqa: E731
     similarity = pick(removed) @ pick(kept).transpose(-1, -2)  # (B, r, N')
     if protect_cls:
@@ -147,12 +179,12 @@ def reduce_tokens(x: Tensor, metric: Tensor, size: Tensor | None, r: int, mode: 
     r = max(0, min(int(r), max_merge(x.shape[1], protect_cls)))
     if r == 0:
         return x.clone(), torch.ones_like(x[..., :1]) if size is None else size.clone()
-    metric = _head_sum(metric)
+    if mode == "prune":
+        return _prune(x, size, metric, r, protect_cls)
+    unit = _unit_keys(metric)
     if mode == "bipartite":
-        return _bipartite(x, size, metric, r, protect_cls)
-    if mode == "transform":
-        return _transform(x, size, metric, r, protect_cls, spread, temperature)
-    return _prune(x, size, metric, r, protect_cls)
+        return _bipartite(x, size, unit, r, protect_cls)
+    return _transform(x, size, unit, r, protect_cls, spread, temperature)
 
 
 # -- the IR ops ---------------------------------------------------------------------------------
