@@ -21,7 +21,9 @@ from fxpress.errors import LoweringError, PassError, PipelineError, Precondition
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass, parse_pipeline
 from fxpress.passes.merge_tokens import MergeTokens
-from fxpress.passes.token_ops import MERGE_TOKENS, _combine, _kept_tokens, r_schedule, reduce_tokens
+from fxpress.backends.native import token_kernels
+from fxpress.passes import token_ops
+from fxpress.passes.token_ops import MERGE_TOKENS, _combine, _kept_tokens, max_merge, r_schedule, reduce_tokens
 from fxpress.passes.transformer_blocks import find_transformer_blocks
 
 torch.set_num_threads(1)
@@ -197,6 +199,56 @@ def test_bipartite_fast_path_equals_previous_path(tokens, r, protect, heads):
         expected, expected_sizes = previous_bipartite(x, keys, given_size, r, protect)
         torch.testing.assert_close(merged, expected, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(sizes, expected_sizes, atol=0, rtol=0)
+
+
+def torch_only(monkeypatch):
+    monkeypatch.setattr(token_ops, "FUSED", False)
+
+
+@pytest.mark.parametrize("tokens,r,protect,heads,ties", [
+    (50, 10, True, 4, True), (50, 15, True, 4, False), (51, 25, True, 0, True), (51, 25, False, 3, False),
+    (17, 8, False, 1, False), (17, 0, True, 2, False), (9, 4, True, 0, True), (199, 60, False, 3, True),
+    (199, 99, True, 2, False), (2, 1, False, 0, False), (3, 1, True, 0, False)])
+def test_fused_bipartite_kernel_equals_torch_path(monkeypatch, tokens, r, protect, heads, ties):
+    """The C kernel (token_merge.c) against `_bipartite`, bit for bit: odd N, r = 0 and r at the clamp,
+    tied scores (repeated tokens, as MNIST's blank patches give), sizes None or given."""
+    if not token_kernels.available():
+        pytest.skip("no C compiler: the fused path is not used")
+    generator = torch.Generator().manual_seed(tokens * 100 + r)
+    x = torch.randn(5, tokens, 24, generator=generator)
+    keys = torch.randn(5, *([heads] if heads else []), tokens, 7, generator=generator)
+    if ties:  # a run of identical tokens: equal best scores across A tokens
+        x[:, 2:tokens // 2], keys[..., 2:tokens // 2, :] = x[:, 2:3], keys[..., 2:3, :]
+    size = torch.randint(1, 6, (5, tokens, 1), generator=generator).float()
+    unit = token_ops._unit_keys(keys)
+    assert r <= max_merge(tokens, protect)
+    for given_size in (None, size):
+        fused = token_ops._fused_bipartite(x, given_size, unit, r, protect)
+        reference = token_ops._bipartite(x, given_size, unit, r, protect)
+        for got, want in zip(fused, reference):
+            assert got.shape == want.shape and torch.equal(got, want)
+        for limit in (r, r + 3):  # through the op, clamping r, against the op with the fused path off
+            got = MERGE_TOKENS(x, keys, given_size, limit, "bipartite", protect, 3, 0.1)
+            with monkeypatch.context() as patch:
+                torch_only(patch)
+                want = MERGE_TOKENS(x, keys, given_size, limit, "bipartite", protect, 3, 0.1)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+
+
+def test_fused_path_is_skipped_for_grad_float64_and_without_a_compiler(monkeypatch):
+    x, keys = torch.randn(2, 11, 4), torch.randn(2, 11, 5)
+    calls = []
+    monkeypatch.setattr(token_ops, "_fused_bipartite", lambda *args: calls.append(args) or token_ops._bipartite(*args))
+    reduce_tokens(x, keys, None, 3, "bipartite")
+    assert len(calls) == int(token_kernels.available())
+    reduce_tokens(x.double(), keys.double(), None, 3, "bipartite")
+    reduce_tokens(x.requires_grad_(), keys, None, 3, "bipartite")
+    reduce_tokens(x.detach(), keys, None, 3, "transform")
+    assert len(calls) == int(token_kernels.available())
+    monkeypatch.setattr(token_ops, "_fused_kernels", False)  # as after a failed build
+    out, _ = reduce_tokens(x.detach(), keys, None, 3, "bipartite")
+    assert len(calls) == int(token_kernels.available()) and out.shape == (2, 8, 4)
 
 
 def test_op_r_zero_is_exact_and_heads_average():

@@ -64,6 +64,11 @@ def _unit_keys(metric: Tensor) -> Tensor:
     return total.div_(total.norm(dim=-1, keepdim=True))
 
 
+def _scores(unit: Tensor) -> Tensor:
+    """Cosine similarities B-major: (B, B tokens, A tokens) = unit B tokens @ unit A tokens^T."""
+    return unit[:, 1::2] @ unit[:, ::2].mT
+
+
 def _best_match(unit: Tensor) -> tuple[Tensor, Tensor]:
     """Each A token's best B match by cosine: (similarity, B index), each (B, A tokens).
 
@@ -71,7 +76,7 @@ def _best_match(unit: Tensor) -> tuple[Tensor, Tensor]:
     channels-last pooling input: a max-pool over the B tokens runs several times faster than
     `max(dim=-1)` on these short rows, with the same values and the same first-maximum index.
     """
-    scores = unit[:, 1::2] @ unit[:, ::2].mT
+    scores = _scores(unit)
     best, index = F.max_pool2d(scores.mT.unsqueeze(2), (1, scores.shape[1]), return_indices=True)
     return best.flatten(1), index.flatten(1)
 
@@ -81,7 +86,7 @@ def _bipartite_plan(unit: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Te
     node_max, node_idx = _best_match(unit)
     if protect_cls:
         node_max.select(1, 0).fill_(-math.inf)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)  # ties: lower index first
     unmerged, merged = edge_idx[:, r:], edge_idx[:, :r]
     if protect_cls:
         unmerged = unmerged.sort(dim=1).values
@@ -147,6 +152,33 @@ def _bipartite(x: Tensor, size: Tensor | None, unit: Tensor, r: int, protect_cls
     return out, torch.cat([sizes.take(a_rows), total], dim=1).unsqueeze(-1)
 
 
+# The fused CPU path: similarities from torch (one bmm), everything else in one C call over the batch
+# (`fxpress/backends/native/token_merge.c`), bit-identical to `_bipartite`.  Used for float32 CPU inputs
+# outside autograd; `FUSED = False` (or no C compiler) keeps the torch path.
+FUSED = True
+_fused_kernels: Any = None
+
+
+def _fused_available() -> bool:
+    global _fused_kernels
+    if _fused_kernels is None:
+        from fxpress.backends.native import token_kernels  # lazy: the backends import the passes
+        _fused_kernels = token_kernels if token_kernels.available() else False
+    return _fused_kernels is not False
+
+
+def _fused_qualifies(x: Tensor, size: Tensor | None, unit: Tensor) -> bool:
+    tensors = (x, unit) if size is None else (x, unit, size)
+    return (FUSED and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and (size is None or size.numel() == x.shape[0] * x.shape[1]) and _fused_available())
+
+
+def _fused_bipartite(x: Tensor, size: Tensor | None, unit: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor]:
+    from fxpress.backends.native import token_kernels
+    return token_kernels.bipartite_merge(x, size, _scores(unit), r, protect_cls)
+
+
 def _transform(x: Tensor, size: Tensor | None, unit: Tensor, r: int, protect_cls: bool,
                spread: int, temperature: float) -> tuple[Tensor, Tensor]:
     unmerged, merged, _ = _bipartite_plan(unit, r, protect_cls)
@@ -183,6 +215,8 @@ def reduce_tokens(x: Tensor, metric: Tensor, size: Tensor | None, r: int, mode: 
         return _prune(x, size, metric, r, protect_cls)
     unit = _unit_keys(metric)
     if mode == "bipartite":
+        if _fused_qualifies(x, size, unit):
+            return _fused_bipartite(x, size, unit, r, protect_cls)
         return _bipartite(x, size, unit, r, protect_cls)
     return _transform(x, size, unit, r, protect_cls, spread, temperature)
 

@@ -76,24 +76,25 @@ def _flag_sets() -> list[tuple[str, ...]]:
     return portable if os.environ.get("FXPRESS_NATIVE_PORTABLE") == "1" else [BASE_FLAGS + NATIVE_FLAGS] + portable
 
 
-def library_path(compiler: str) -> Path:
-    """The cache path for the library built from the current source by `compiler` on this CPU."""
+def library_path(compiler: str, source: Path | None = None) -> Path:
+    """The cache path for the library built from `source` (default SOURCE) by `compiler` on this CPU."""
+    source = SOURCE if source is None else Path(source)
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), repr(_flag_sets()).encode(),
+    for part in (source.read_bytes(), repr(_flag_sets()).encode(),
                  _compiler_version(compiler).encode(), _cpu_signature().encode(), platform.machine().encode()):
         digest.update(part)
         digest.update(b"\0")
-    return cache_dir() / f"binary_kernels-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"{source.stem}-{digest.hexdigest()[:16]}.so"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, target: Path, source: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(handle)
     errors = []
     try:
         for flags in _flag_sets():
-            command = [compiler, *flags, str(SOURCE), "-o", temporary]
+            command = [compiler, *flags, str(source), "-o", temporary]
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 os.replace(temporary, target)
@@ -106,13 +107,14 @@ def _compile(compiler: str, target: Path) -> None:
     raise LoweringError("building the native kernels failed:\n" + "\n".join(errors))
 
 
-def build_library(force: bool = False) -> Path:
-    """Build the kernels if the cache lacks them (or `force`); return the library's path."""
+def build_library(force: bool = False, source: Path | None = None) -> Path:
+    """Build `source` (default SOURCE, the binary kernels) if the cache lacks it (or `force`); return its path."""
     compiler = find_compiler()
-    target = library_path(compiler)
+    source = SOURCE if source is None else Path(source)
+    target = library_path(compiler, source)
     with _LOCK:
         if force or not target.is_file():
-            _compile(compiler, target)
+            _compile(compiler, target, source)
     return target
 
 
