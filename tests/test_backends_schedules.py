@@ -67,3 +67,54 @@ def test_conv_as_matmul_with_tiles_across_images_matches_eager():
     x = torch.randn(8, 1, 28, 28)
     compiled = backends.compile(capture(model, (x,), name="patches"), "llvm")
     assert (compiled(x) - model(x)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("rows,cols,lanes", [(400, 192, 16), (50, 50, 16), (28, 1536, 16), (14, 14, 16),
+                                             (7, 3, 16), (64, 64, 8), (13, 40, 4)])
+def test_register_tile_fits_the_registers_and_fills_whole_vectors(rows, cols, lanes):
+    from fxpress.backends.tvm.schedules import register_tile
+
+    row_tile, col_tile = register_tile(rows, cols, lanes)
+    vectors = col_tile // lanes
+    registers = 32 if lanes >= 16 else 16
+    assert col_tile % lanes == 0 and 1 <= row_tile <= 12
+    assert row_tile * vectors + vectors + 1 <= registers - 2
+
+
+def _matmul_script(a_shape, b_shape):
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    from fxpress.backends.targets import host_cpu_target
+    from fxpress.backends.tvm.schedules import cpu_rules
+
+    bb = relax.BlockBuilder()
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(a, b)))
+        bb.emit_func_output(out)
+    target = tvm.target.Target(host_cpu_target())
+    with target:
+        mod = relax.transform.LegalizeOps()(bb.get())
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    return next(f for gv, f in mod.functions_items() if gv.name_hint == "matmul").script()
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((32, 50, 16), (32, 16, 50)), ((24, 14, 32), (24, 32, 14)),
+                                             ((400, 64), (64, 192))])
+def test_ragged_matmuls_are_padded_and_their_update_is_vectorized(a_shape, b_shape):
+    script = _matmul_script(a_shape, b_shape)
+    update = script[script.index("for ax3"):script.index('T.sblock("matmul_update")')]
+    assert "T.vectorized" in update, update
+    assert ("_pad" in script) == (b_shape[-1] % 16 != 0)
+
+
+def test_ragged_attention_with_a_dynamic_batch_matches_eager(graph):
+    dynamic = capture(Attention().eval(), (torch.randn(3, 13, 40),), dynamic=True, name="attention-dyn")
+    compiled = backends.compile(dynamic, "llvm", dynamic=True)
+    for batch in (1, 5):
+        x = torch.randn(batch, 13, 40)
+        assert (compiled(x) - dynamic.module(x)).abs().max().item() < 1e-5

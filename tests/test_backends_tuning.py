@@ -69,3 +69,28 @@ def test_tuning_other_targets_is_a_clear_error(tuned):
     graph = tuned[2]
     with pytest.raises(LoweringError, match="target .llvm. only"):
         backends.compile(graph, "aarch64", tune_trials=4)
+
+
+def test_tuning_set_up_loads_only_the_x86_intrinsics_and_leaves_the_package_importable():
+    import subprocess
+    import sys
+
+    code = """
+import sys, tvm
+from fxpress.backends.targets import host_cpu_target
+from fxpress.backends.tvm.tuning import _x86_tensor_intrinsics_only
+from tvm import te
+from tvm.s_tir.meta_schedule import TuneContext
+a = te.placeholder((16, 16), name="a")
+k = te.reduce_axis((0, 16), name="k")
+c = te.compute((16, 16), lambda i, j: te.sum(a[i, k] * a[k, j], axis=k), name="c")
+target = tvm.target.Target(host_cpu_target())
+with _x86_tensor_intrinsics_only(target):
+    TuneContext(mod=te.create_prim_func([a, c]), target=target, space_generator="post-order-apply",
+                search_strategy="replay-trace").generate_design_space()
+    assert "tvm.s_tir.tensor_intrin.x86" in sys.modules
+    assert "tvm.s_tir.tensor_intrin.cuda" not in sys.modules
+assert "tvm.s_tir.tensor_intrin" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

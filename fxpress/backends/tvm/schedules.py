@@ -83,10 +83,17 @@ class Matmul(ScheduleRule):
     @staticmethod
     def _tile(sch: s_tir.Schedule, main, target: Target) -> None:
         lanes = vector_lanes(target, sch.get(main))
+        _, rows, cols, _ = sch.get_loops(main)
+        row_tile, col_tile = register_tile(extent(sch, rows), extent(sch, cols), lanes)
+        padded = [1, _pad_to(extent(sch, rows), row_tile), _pad_to(extent(sch, cols), col_tile), 1]
+        if padded[1:3] != [1, 1]:
+            sch.pad_einsum(main, padded)  # producers/consumers get padding blocks; no predicated tail
+            for block in sch.get_producers(main):
+                _schedule_copy(sch, block)
+                _vectorize_innermost(sch, block, lanes)
+            for strip in sch.get_consumers(main):  # the un-padding copy: fold the copies after it in
+                auto_inline_consumers(sch, strip)
         batch, rows, cols, red = sch.get_loops(main)
-        n_cols = extent(sch, cols)
-        col_tile = pick_factor(n_cols, [lanes * MAX_COLUMN_VECTORS, lanes, lanes // 2, lanes // 4]) or n_cols
-        row_tile = pick_factor(extent(sch, rows), ROW_TILES) or ROWS
         r_out, r_in = sch.split(rows, [None, row_tile])
         c_out, c_in = sch.split(cols, [None, col_tile])
         sch.reorder(batch, c_out, r_out, red, r_in, c_in)  # a B panel stays in cache across row tiles
@@ -97,15 +104,50 @@ class Matmul(ScheduleRule):
         _vectorize_innermost(sch, local, lanes)
         for consumer in sch.get_consumers(local):
             _epilogue_per_tile(sch, consumer, outer, lanes)
+        v_out, v_in = sch.split(c_in, [None, min(lanes, col_tile)])
+        sch.unroll(r_in)
+        sch.unroll(v_out)
+        sch.vectorize(v_in)  # before decompose_reduction: the update alone fails the dataflow check
         init = sch.decompose_reduction(main, red)
         _vectorize_innermost(sch, init, lanes)
-        sch.unroll(r_in)
-        v_out, v_in = sch.split(c_in, [None, min(lanes, col_tile)])
-        sch.unroll(v_out)
-        try:
-            sch.vectorize(v_in)
-        except Exception:  # noqa: BLE001 - the checker refuses some cached updates; LLVM vectorizes them
-            log.debug("left the matmul update loop to LLVM's vectorizer")
+
+
+def register_tile(n_rows, n_cols, lanes: int) -> tuple[int, int]:
+    """(rows, columns) of the C tile kept in vector registers while k runs.
+
+    About 16 accumulators hide the FMA latency on two FMA ports; the tile plus one
+    B vector per column vector and a broadcast A value must fit in 32 (AVX-512) or
+    16 registers.  Among tiles that fit, the one with the least padded work per
+    accumulator wins (a 50-column attention matmul pads to 64, a 14-column one to 16,
+    rather than running scalar code).
+    """
+    registers = 32 if lanes >= 16 else 16
+    col_options = [lanes * v for v in (1, 2, 3, 4)]
+    best, best_cost = (ROWS, lanes * MAX_COLUMN_VECTORS), None
+    for cols in col_options:
+        vectors = max(cols // lanes, 1)
+        for rows in range(1, 13):
+            accumulators = rows * vectors
+            if accumulators + vectors + 1 > registers - 2:
+                continue
+            work = _padded(n_rows, rows, 64) * _padded(n_cols, cols, 64)
+            cost = work / min(accumulators, ACCUMULATORS)
+            if best_cost is None or cost < best_cost * 0.999:
+                best, best_cost = (rows, cols), cost
+    return best
+
+
+ACCUMULATORS = 16
+
+
+def _padded(size, tile: int, symbolic: int) -> int:
+    size = size if isinstance(size, int) else symbolic
+    return -(-size // tile) * tile
+
+
+def _pad_to(size, tile: int) -> int:
+    """The pad_einsum factor for a loop of `size` tiled by `tile` (1: divides, or symbolic)."""
+    return tile if isinstance(size, int) and size % tile else 1
 
 
 def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int) -> None:

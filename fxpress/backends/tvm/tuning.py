@@ -8,8 +8,9 @@ tvm`` alone: 4 s), inside the per-candidate 30 s timeout: every candidate
 timed out.  :class:`InProcessBuilder` builds in this process without that
 import (float32 llvm schedules use no tensor intrinsics) in well under a
 second per candidate; :class:`InProcessRunner` times it with
-``time_evaluator``, also without a worker.  ``TuneContext`` itself still imports
-``tensor_intrin`` (once per process, 38 s here).  Without xgboost the search
+``time_evaluator``, also without a worker.  ``TuneContext`` itself imports
+``tensor_intrin`` too; on x86 only its ``x86`` module is loaded (0.7 s, see
+:func:`_x86_tensor_intrinsics_only`).  Without xgboost the search
 is "replay-trace" (random samples of the design space, each measured).
 
 The database (``database_workload.json``, ``database_tuning_record.json`` in
@@ -21,8 +22,13 @@ same functions runs zero trials.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
+import platform
+import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +180,33 @@ def _search() -> tuple[str, str]:
     return "xgb", "evolutionary"
 
 
+@contextlib.contextmanager
+def _x86_tensor_intrinsics_only(target):
+    """Register only the x86 tensor intrinsics while MetaSchedule sets up (0.7 s, not 38 s).
+
+    ``TuneContext`` does ``import tvm.s_tir.tensor_intrin``, whose package imports every
+    backend's intrinsics (CUDA, ROCm, Hexagon...); MetaSchedule's x86 rules need only
+    ``x86`` (they look ``dot_16x4_vnni`` up when made).  A stand-in package with the real
+    path loads just ``x86``; it is removed afterwards, so a later real import still
+    loads the rest (``x86`` stays imported and is not registered twice).
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules or target.kind.name != "llvm" or platform.machine() not in ("x86_64", "AMD64"):
+        yield
+        return
+    import tvm.s_tir
+
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+    sys.modules[name] = package
+    try:
+        importlib.import_module(f"{name}.x86")
+        yield
+    finally:
+        if sys.modules.get(name) is package:
+            del sys.modules[name]
+
+
 def tune(mod: tvm.IRModule, target, tuning_dir: str | Path, trials: int,
          min_trials_per_task: int = MIN_TRIALS_PER_TASK) -> TuningReport:
     """Tune the functions of a fused module into the database in `tuning_dir`.
@@ -193,11 +226,12 @@ def tune(mod: tvm.IRModule, target, tuning_dir: str | Path, trials: int,
     chosen = candidates[:max(trials // min_trials_per_task, 1)] if trials else []
     if chosen:
         cost_model, strategy = _search()
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(  # imports tensor_intrin: 38 s
-            chosen, work_dir=str(tuning_dir), strategy=strategy, num_threads=1, seed=0)
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
-                      num_trials_per_iter=min(TRIALS_PER_ITERATION, trials), builder=InProcessBuilder(),
-                      runner=InProcessRunner(), database=database, cost_model=cost_model)
+        with _x86_tensor_intrinsics_only(target):
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                chosen, work_dir=str(tuning_dir), strategy=strategy, num_threads=1, seed=0)
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
+                          num_trials_per_iter=min(TRIALS_PER_ITERATION, trials), builder=InProcessBuilder(),
+                          runner=InProcessRunner(), database=database, cost_model=cost_model)
         report.tuned = [task.task_name for task in chosen]
         report.trials = trials
     report.seconds = time.perf_counter() - start
