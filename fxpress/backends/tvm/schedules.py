@@ -4,12 +4,12 @@ Each rule takes a PrimFunc and returns a scheduled ``s_tir.Schedule`` or None
 (not its pattern); ``ApplyDefaultSchedule`` tries them in order per function.
 
 - :class:`Matmul`: any single-reduction ``C[s,i,j] += A[s,i,k] * B[s,k,j]``
-  (dense, batched, attention QK^T and PV, with fused epilogues).  Normalized
-  with dlight's index maps, then register-blocked: an ``MR x NR`` tile of C
-  lives in a local buffer (rows unrolled, columns vectorized) while k runs
-  innermost; B is packed to ``[s, k, j]`` when it is not already contiguous
-  in j; the epilogue runs per tile while it is in cache.
-- conv2d has no rule of its own yet (the small zoo convs are cheap).
+  (dense, batched, attention QK^T and PV, conv2d as an implicit GEMM, with
+  fused epilogues).  Normalized with dlight's index maps, then
+  register-blocked: an ``MR x NR`` tile of C (:func:`register_tile`) lives in
+  vector registers (rows unrolled, columns vectorized) while k runs
+  innermost; ragged sizes are padded to whole tiles; B is packed to
+  ``[s, k, j]`` when it is not already contiguous in j.
 - dlight's ``cpu.GEMV``, then :class:`~.reduction_schedule.RowReduction` (softmax, layer
   norm: dlight's ``cpu.Reduction`` with vectorized partial accumulators).
 - :class:`Injective`: elementwise/transposes: outer loops fused and
