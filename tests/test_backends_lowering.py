@@ -121,3 +121,17 @@ def test_c_target_runs(tiny_graph):
 def test_unknown_target_lists_available(tiny_graph):
     with pytest.raises(LoweringError, match="available: .*llvm"):
         backends.compile(tiny_graph, "tpu")
+
+
+class AlphaOps(torch.nn.Module):
+    """add/sub with alpha, which TVM 0.27's importer dropped; a broadcast bias as in prop_attn."""
+
+    def forward(self, x, bias):
+        return torch.add(bias.log(), x, alpha=0.25), torch.sub(x, bias, alpha=3.0), torch.add(x, bias)
+
+
+def test_add_and_sub_keep_their_alpha():
+    x, bias = torch.randn(2, 3, 5, 5), torch.rand(2, 1, 1, 5) + 0.5
+    compiled = backends.compile(capture(AlphaOps(), (x, bias)), "llvm")
+    for got, expected in zip(compiled(x, bias), AlphaOps()(x, bias)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

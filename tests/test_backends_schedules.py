@@ -118,3 +118,24 @@ def test_ragged_attention_with_a_dynamic_batch_matches_eager(graph):
     for batch in (1, 5):
         x = torch.randn(batch, 13, 40)
         assert (compiled(x) - dynamic.module(x)).abs().max().item() < 1e-5
+
+
+def test_row_reduction_declines_what_dlight_refuses_instead_of_failing_the_compile(monkeypatch):
+    """dlight's cpu.Reduction raises on some functions (chained reductions: "... is an output block")."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir.dlight.cpu import Reduction
+
+    from fxpress.backends.targets import host_cpu_target
+    from fxpress.backends.tvm.reduction_schedule import RowReduction
+
+    def refuse(*_args):
+        raise tvm.error.InternalError("The block inner is an output block")
+
+    monkeypatch.setattr(Reduction, "apply", refuse)
+    x = te.placeholder((4, 16), name="x")
+    k = te.reduce_axis((0, 16), name="k")
+    total = te.compute((4,), lambda i: te.sum(x[i, k], axis=k), name="total")
+    target = tvm.target.Target(host_cpu_target())
+    with target:
+        assert RowReduction().apply(te.create_prim_func([x, total]), target, False) is None

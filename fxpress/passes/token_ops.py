@@ -187,16 +187,23 @@ def _transform(x: Tensor, size: Tensor | None, unit: Tensor, r: int, protect_cls
     similarity = pick(removed) @ pick(kept).transpose(-1, -2)  # (B, r, N')
     if protect_cls:
         similarity[:, :, 0] = -math.inf
-    best, slots = similarity.topk(min(spread, kept.shape[1] - int(protect_cls)), dim=-1)
+    best, slots = _stable_topk(similarity, min(spread, kept.shape[1] - int(protect_cls)))
     weight = torch.softmax(best / temperature, dim=-1)
     return _combine(x, size, kept, removed[..., None].expand_as(slots).flatten(1), slots.flatten(1),
                     weight.flatten(1))
 
 
+def _stable_topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest along the last dim, ties to the lower index (``topk`` picks among exact ties
+    freely, so its choice was neither reproducible nor what the TVM rule computes)."""
+    indices = values.argsort(dim=-1, descending=True, stable=True)[..., :k]
+    return values.gather(-1, indices), indices
+
+
 def _prune(x: Tensor, size: Tensor | None, importance: Tensor, r: int, protect_cls: bool) -> tuple[Tensor, Tensor]:
     if protect_cls:
         importance = torch.cat([torch.full_like(importance[:, :1], math.inf), importance[:, 1:]], dim=1)
-    keep = importance.topk(x.shape[1] - r, dim=1).indices.sort(dim=1).values
+    keep = _stable_topk(importance, x.shape[1] - r)[1].sort(dim=1).values
     keep = (keep + torch.arange(x.shape[0], device=x.device)[:, None] * x.shape[1]).view(-1)
     size = torch.ones_like(x[..., :1]) if size is None else size
     pick = lambda values: values.reshape(-1, values.shape[-1]).index_select(0, keep)  # noqa: E731

@@ -6,13 +6,19 @@
   position ids / masks with a cumsum over a bool mask, so the tiny LLaMA and
   SmolLM2 failed here.
 
+- ``aten::add.Tensor`` / ``aten::sub.Tensor`` with ``alpha``: the importer
+  reads the positional arguments only and dropped alpha, so
+  ``add(a, b, alpha=c)`` computed a + b.  merge-tokens' prop_attn writes its
+  logits bias that way (vit-mnist's logits were off by up to 4).
+
 Imported by :mod:`.lowering`, so the rules are in the table before any check.
 """
 from __future__ import annotations
 
 import torch
 
-from fxpress.backends.tvm.rules import RuleContext, register_lowering
+from fxpress.backends.tvm.rules import OPAQUE, RuleContext, op_name, register_lowering
+from fxpress.errors import LoweringError
 
 INTEGRAL_PREFIXES = ("bool", "int", "uint")
 
@@ -34,3 +40,65 @@ def lower_cumsum(ctx: RuleContext, node: torch.fx.Node):
     if dtype is not None and str(x.ty.dtype) != dtype:
         x = ctx.bb.emit(relax.op.astype(x, dtype))
     return ctx.bb.emit(relax.op.cumsum(x, dim))
+
+
+@register_lowering("aten::add.Tensor")
+def lower_add_with_alpha(ctx: RuleContext, node: torch.fx.Node):
+    """add(a, b, alpha) -> a + alpha * b; TVM 0.27's importer drops alpha (it reads args only).
+
+    merge-tokens' prop_attn writes ``softmax(log(s) + c * l)`` as ``add(log(s), l, alpha=c)``; without
+    this rule the scale c was lost.  Adds without alpha go to the importer's own converter.
+    """
+    return _with_alpha(ctx, node, "add")
+
+
+@register_lowering("aten::sub.Tensor")
+def lower_sub_with_alpha(ctx: RuleContext, node: torch.fx.Node):
+    """sub(a, b, alpha) -> a - alpha * b (the importer drops alpha here too)."""
+    return _with_alpha(ctx, node, "subtract")
+
+
+def _with_alpha(ctx: RuleContext, node: torch.fx.Node, op: str):
+    import operator
+
+    from tvm import relax
+
+    relax_op = getattr(relax.op, op)
+    alpha = node.kwargs.get("alpha", 1)
+    if alpha == 1:
+        return ctx.importer._binary_op(relax_op, operator.add if op == "add" else operator.sub)(node)
+    lhs, rhs = ctx.args(node)[:2]
+    if not isinstance(lhs, relax.Expr) or not isinstance(lhs.ty, relax.TensorType):
+        raise LoweringError(f"{op_name(node.target)} with alpha={alpha} at node {node.format_node()}: the TVM "
+                            f"rule needs a tensor first operand; rewrite it without alpha before compiling")
+    dtype = str(lhs.ty.dtype)
+    if isinstance(rhs, relax.Expr) and _elements(lhs) < _elements(rhs):
+        lhs = _materialized(ctx, lhs)
+    if isinstance(rhs, relax.Expr):
+        scaled = ctx.bb.emit(relax.op.multiply(rhs, relax.const(alpha, str(rhs.ty.dtype))))
+    else:
+        scaled = relax.const(alpha * rhs, dtype)
+    return ctx.bb.emit(relax_op(lhs, scaled))
+
+
+def _elements(expr) -> int:
+    """Product of the static dims (a symbolic batch is common to both operands)."""
+    count = 1
+    for dim in expr.ty.shape.values:
+        count *= int(dim.value) if hasattr(dim, "value") else 1
+    return count
+
+
+def _materialized(ctx: RuleContext, expr):
+    """`expr` computed into its own buffer: an opaque copy that FuseOps does not fuse through.
+
+    prop_attn's bias is log(s) broadcast (B, 1, 1, N) over (B, H, N, N) logits; fused into the add,
+    the scalar log ran H * N times per value (about 1 ms a block at batch 64 on vit-mnist).
+    """
+    from tvm import te
+
+    copy = ctx.emit_te(lambda x: te.compute(x.shape, lambda *index: x(*index), name="copy"), expr,
+                       name="fxpress_materialize")
+    global_var = ctx.bb.lookup_binding(copy).args[0]
+    ctx.bb.update_func(global_var, ctx.bb.get()[global_var].with_attr("op_pattern", OPAQUE))
+    return copy

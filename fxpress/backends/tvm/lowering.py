@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fxpress.backends.signature import TensorSpec, input_specs
-from fxpress.backends.tvm import aten_rules, rules  # noqa: F401 - aten_rules registers its rules
+from fxpress.backends.tvm import aten_rules, binary_rules, rules, token_rules  # noqa: F401 - modules register rules
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
 

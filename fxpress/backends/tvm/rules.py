@@ -20,6 +20,7 @@ import torch.fx
 from fxpress.errors import LoweringError
 
 LoweringRule = Callable[["RuleContext", torch.fx.Node], Any]
+OPAQUE = 8  # Relax's OpPatternKind.kOpaque: FuseOps fuses nothing into or through such a function
 
 _RULES: dict[str, LoweringRule] = {}
 

@@ -99,7 +99,8 @@ class Matmul(ScheduleRule):
         sch.reorder(batch, c_out, r_out, red, r_in, c_in)  # a B panel stays in cache across row tiles
         outer = sch.fuse(batch, c_out, r_out)
         sch.parallel(outer)
-        local = sch.cache_write(main, 0, "local")
+        local = sch.cache_write(main, 0, "global")  # "local" cost a workspace alloc/free per tile; a small
+        # "global" tile under the parallel loop becomes a stack array, kept in registers by LLVM
         sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
         _vectorize_innermost(sch, local, lanes)
         for consumer in sch.get_consumers(local):
