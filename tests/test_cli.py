@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -61,11 +62,15 @@ def test_run_prints_table_and_dumps(tmp_path):
     assert "batch_norm" not in (tmp_path / "003_dce.txt").read_text()
 
 
-def test_demo_reports_before_and_after():
+def test_demo_reports_before_and_after_and_compiles_both_for_the_host_cpu():
     result = fxpress("demo")
     assert result.returncode == 0, result.stderr
-    for row in ("accuracy", "params", "MACs", "latency ms"):
+    for row in ("accuracy", "params", "MACs", "latency ms (eager", "latency ms (llvm"):
         assert row in result.stdout
+    errors = re.findall(r"(before|after): compiled for llvm in [\d.]+ s; max abs error vs eager ([\d.e+-]+)",
+                        result.stdout)
+    assert [label for label, _ in errors] == ["before", "after"]
+    assert all(float(error) < 1e-4 for _, error in errors)
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -74,6 +79,7 @@ def test_demo_reports_before_and_after():
     (("run", "cnn-digits", "--pipeline", "fuse-batchnrom"), ("did you mean 'fuse-batchnorm'",)),
     (("run", "cnn-digits", "--pipeline", "fold-constants{max_growth=big}"), ("bad value 'big'",)),
     (("run", "cnn-digits", "--pipeline", "dce", "--target", "tpu"), ("unknown target 'tpu'",)),
+    (("demo", "--target", "aarch64"), ("use --target llvm, onnx or eager",)),
     (("capture", "missing/file.py:make"), ("does not exist",)),
 ])
 def test_bad_input_gets_one_line_error(args, fragments):

@@ -296,6 +296,12 @@ def test_tvm_without_a_merge_rule_names_the_op(vit, monkeypatch):
         fxpress.compile(merged, "llvm")
 
 
+def test_onnx_refuses_a_merged_graph_naming_the_op_and_the_target_that_works(vit):
+    merged = PassManager("merge-tokens{r=8}").run(vit[1]).graph
+    with pytest.raises(LoweringError, match=r"fxpress::merge_tokens at node .*no ONNX form.*'llvm'"):
+        fxpress.compile(merged, "onnx")
+
+
 # -- locating blocks ------------------------------------------------------------------------------
 def test_finds_blocks_on_three_vits_and_bert(vit, hand):
     assert [b.path for b in find_transformer_blocks(vit[1])] == [f"blocks.{i}" for i in range(4)]

@@ -74,8 +74,19 @@ class OnnxExecutable:
         return name
 
 
+def check_exportable(graph: Graph) -> None:
+    """Raise LoweringError for an op that passes insert (``fxpress::...``): ONNX has no form of it."""
+    for node in graph.module.graph.nodes:
+        namespace = getattr(node.target, "namespace", None) if node.op == "call_function" else None
+        if namespace is not None and namespace not in ("aten", "prims"):
+            raise LoweringError(f"op {namespace}::{node.target._schema.name.partition('::')[2]} at node "
+                                f"{node.format_node()} has no ONNX form; compile this graph with target "
+                                f"'llvm' (TVM lowers it) instead of 'onnx'")
+
+
 def export_onnx(graph: Graph, dynamic: bool):
     """The ONNX ModelProto of `graph` (opset chosen by torch.onnx)."""
+    check_exportable(graph)
     shapes = graph.dynamic_shapes if dynamic else None
     try:
         with warnings.catch_warnings():

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=commands.DEMO_MODEL)
     p.add_argument("--batch", type=int, default=64, help="batch size for latency")
     _add_pipeline_options(p, commands.DEMO_PIPELINE)
-    p.set_defaults(func=commands.cmd_demo)
+    p.set_defaults(func=commands.cmd_demo, target="llvm")
     return parser
 
 

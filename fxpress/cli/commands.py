@@ -155,9 +155,13 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Compress the default model; report accuracy, params, MACs and latency before and after."""
+    """Compress the default model, compile it for the host CPU; report accuracy, params, MACs and
+    latency (eager and compiled) before and after."""
     if not args.threads:  # 2 OpenMP threads on a busy 2-core machine time noise, not the model
         torch.set_num_threads(1)
+    if args.target not in ("eager", "llvm", "onnx"):
+        raise FxpressError(f"the demo times models on this machine: use --target llvm, onnx or eager, "
+                           f"not {args.target!r} (fxpress run --target {args.target} --out DIR builds one)")
     model = _load(args.model)
     console.print(f"[bold]{model.name}[/bold]: {model.description}")
     console.print(f"pipeline: {args.pipeline}", markup=False)
@@ -169,12 +173,39 @@ def cmd_demo(args) -> int:
     rows |= {"params": (before.num_params, after.num_params), "MACs": (before.macs, after.macs),
              "nodes": (before.num_nodes, after.num_nodes)}
     inputs = _latency_inputs(model, args.batch)
+    timed = {"before": model.module, "after": after}
+    if args.target != "eager":
+        timed |= _compile_for_demo(before, after, args.target, inputs)
     with console.status(f"timing at batch {args.batch}..."):
-        latency = interleaved_latency({"before": model.module, "after": after}, inputs)
-    rows[f"latency ms (eager, batch {args.batch}, {torch.get_num_threads()} thread)"] = (
-        latency["before"].median_ms, latency["after"].median_ms)
+        latency = interleaved_latency(timed, inputs)
+    threads = f"batch {args.batch}, {torch.get_num_threads()} thread"
+    rows[f"latency ms (eager, {threads})"] = (latency["before"].median_ms, latency["after"].median_ms)
+    if args.target != "eager":
+        rows[f"latency ms ({args.target}, {threads})"] = (latency[f"before {args.target}"].median_ms,
+                                                          latency[f"after {args.target}"].median_ms)
     console.print(compare_table(f"{model.name}: before vs after", rows))
     return 0
+
+
+def _compile_for_demo(before: Graph, after: Graph, target: str, inputs: tuple) -> dict:
+    """Both graphs compiled for `target` at the timing inputs' shapes, checked against eager.
+
+    Static shapes: TVM's schedules pad and tile a known batch; a symbolic one runs slower.
+    """
+    from fxpress.backends import compile as compile_graph
+
+    compiled = {}
+    for label, graph in (("before", before), ("after", after)):
+        at_batch = Graph(graph.module, inputs, name=graph.name, source=graph.source)
+        with console.status(f"compiling the {label} graph for {target}..."):
+            program = compile_graph(at_batch, target)
+        program.set_threads(torch.get_num_threads())
+        with torch.no_grad():
+            error = compare_outputs(graph(*inputs), program(*inputs))
+        console.print(f"{label}: compiled for {target} in {program.info['compile_s']:.1f} s; "
+                      f"max abs error vs eager {error.max_abs:.2g}", markup=False)
+        compiled[f"{label} {target}"] = program
+    return compiled
 
 
 def _latency_inputs(model: ZooModel, batch: int) -> tuple:
