@@ -34,13 +34,13 @@ from fxpress.zoo import load_model
 
 MODELS = ("vit-mnist", "cnn-digits", "bnn-digits", "minilm")
 COMPRESSED = ("vit-mnist+merge-tokens{r=10,schedule=decreasing}", "bnn-digits+binarize,xnor-mst")
-IMAGE_BATCH = int(__import__("os").environ.get("IMAGE_BATCH", 8))
+IMAGE_BATCH = 8
 
 
-def bench_inputs(model) -> tuple:
-    """Image models at batch IMAGE_BATCH; text models at their example batch."""
+def bench_inputs(model, batch: int = IMAGE_BATCH) -> tuple:
+    """Image models at `batch`; text models at their example batch."""
     if model.task == "classification":
-        return tuple(x[:1].expand(IMAGE_BATCH, *x.shape[1:]).contiguous() for x in model.example_inputs)
+        return tuple(x[:1].expand(batch, *x.shape[1:]).contiguous() for x in model.example_inputs)
     return tuple(model.example_inputs)
 
 
@@ -76,10 +76,10 @@ def build_backends(model, inputs, tune_trials: int, tuning_dir: str | None = Non
 
 
 def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: int,
-            tuning_dir: str | None = None) -> list[dict]:
+            tuning_dir: str | None = None, batch: int = IMAGE_BATCH) -> list[dict]:
     name, _, pipeline = model_name.partition("+")
     model = load_model(name)
-    inputs = bench_inputs(model)
+    inputs = bench_inputs(model, batch)
     torch.set_num_threads(max(threads_list))
     built = build_backends(model, inputs, tune_trials, tuning_dir, pipeline)
     with torch.no_grad():
@@ -131,6 +131,7 @@ def main() -> None:
                         help="';'-separated zoo names or NAME+PIPELINE")
     parser.add_argument("--tune-trials", type=int, default=64, help="MetaSchedule trials per model (0: no tvm-tuned)")
     parser.add_argument("--tuning-dir", help="keep tuning databases in DIR/<model> and reuse them")
+    parser.add_argument("--batch", type=int, default=IMAGE_BATCH, help="batch of the image models")
     parser.add_argument("--json", help="write {'rows': [...]} here")
     args = parser.parse_args()
     threads = [1] if args.quick else [1, 2]
@@ -138,7 +139,8 @@ def main() -> None:
     rows: list[dict] = []
     for name in split_models(args.models):
         print(f"== {name}", flush=True)
-        rows += measure(name, threads, trials, rounds=3 if args.quick else 5, tuning_dir=args.tuning_dir)
+        rows += measure(name, threads, trials, rounds=3 if args.quick else 5, tuning_dir=args.tuning_dir,
+                        batch=args.batch)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as handle:
