@@ -72,3 +72,23 @@ def test_latency_reports_positive_times(compiled):
 def test_compile_info_records_times(compiled):
     _, compiled_model = compiled("vit-mnist", "llvm")
     assert compiled_model.info["compile_s"] > 0 and compiled_model.info["tvm_compile_s"] > 0
+
+
+def test_tvm_thread_pool_follows_set_threads_up_to_every_cpu(compiled):
+    """TVM caps its pool at half the CPUs unless TVM_NUM_THREADS is set; fxpress sets it, so 2 threads on
+    a 2-core machine are really 2 (set_threads(2) was a silent no-op)."""
+    import os
+
+    import tvm
+
+    model, compiled_model = compiled("cnn-digits", "llvm")
+    pool_size = tvm.get_global_func("runtime.NumThreads")
+    assert pool_size() == torch.get_num_threads()  # a compiled model starts with torch's thread count
+    try:
+        compiled_model.set_threads(os.cpu_count())
+        assert pool_size() == os.cpu_count()
+        torch.testing.assert_close(compiled_model(*model.example_inputs), model.module(*model.example_inputs),
+                                   atol=1e-4, rtol=1e-4)
+    finally:
+        compiled_model.set_threads(1)
+    assert pool_size() == 1

@@ -139,3 +139,18 @@ def test_row_reduction_declines_what_dlight_refuses_instead_of_failing_the_compi
     target = tvm.target.Target(host_cpu_target())
     with target:
         assert RowReduction().apply(te.create_prim_func([x, total]), target, False) is None
+
+
+def test_a_symbolic_batch_of_50_token_rows_gets_a_row_tile_that_divides_50():
+    from tvm import tirx
+
+    from fxpress.backends.tvm.schedules import register_tile
+
+    batch = tirx.Var("batch", "int64")
+    rows, cols = register_tile(batch * 50, 192, 16, row_multiple=50)
+    assert 50 % rows == 0 and rows >= 4 and cols % 16 == 0
+    script = _matmul_script((batch, 50, 64), (64, 192))
+    update = script[script.index("for ax3"):script.index("matmul_update")]
+    body = script[script.index('T.sblock("matmul_update")'):]
+    body = body[:body.index("T.sblock(", 10)]
+    assert "T.vectorized" in update and "T.where" not in body, body  # no partial row tile

@@ -79,6 +79,8 @@ class TVMExecutable:
         else:
             self.weights = raw
         self.main = self.vm["main"]
+        if device == "cpu":
+            set_threads(torch.get_num_threads())
 
     def _has_function(self, name: str) -> bool:
         try:

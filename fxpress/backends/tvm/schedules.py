@@ -84,7 +84,8 @@ class Matmul(ScheduleRule):
     def _tile(sch: s_tir.Schedule, main, target: Target) -> None:
         lanes = vector_lanes(target, sch.get(main))
         _, rows, cols, _ = sch.get_loops(main)
-        row_tile, col_tile = register_tile(extent(sch, rows), extent(sch, cols), lanes)
+        row_tile, col_tile = register_tile(extent(sch, rows), extent(sch, cols), lanes,
+                                           row_multiple=_constant_factor(sch.get(rows).extent))
         padded = [1, _pad_to(extent(sch, rows), row_tile), _pad_to(extent(sch, cols), col_tile), 1]
         if padded[1:3] != [1, 1]:
             sch.pad_einsum(main, padded)  # producers/consumers get padding blocks; no predicated tail
@@ -113,21 +114,26 @@ class Matmul(ScheduleRule):
         _vectorize_innermost(sch, init, lanes)
 
 
-def register_tile(n_rows, n_cols, lanes: int) -> tuple[int, int]:
+def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[int, int]:
     """(rows, columns) of the C tile kept in vector registers while k runs.
 
     About 16 accumulators hide the FMA latency on two FMA ports; the tile plus one
     B vector per column vector and a broadcast A value must fit in 32 (AVX-512) or
     16 registers.  Among tiles that fit, the one with the least padded work per
     accumulator wins (a 50-column attention matmul pads to 64, a 14-column one to 16,
-    rather than running scalar code).
+    rather than running scalar code).  A symbolic row count cannot be padded; when it
+    is a known multiple (batch x 50 tokens: `row_multiple` 50) the row tile divides
+    that multiple, so no row tile is partial and no predicate enters the update.
     """
     registers = 32 if lanes >= 16 else 16
     col_options = [lanes * v for v in (1, 2, 3, 4)]
+    row_options = range(1, 13)
+    if not isinstance(n_rows, int) and max(r for r in row_options if row_multiple % r == 0) >= 4:
+        row_options = [r for r in row_options if row_multiple % r == 0]
     best, best_cost = (ROWS, lanes * MAX_COLUMN_VECTORS), None
     for cols in col_options:
         vectors = max(cols // lanes, 1)
-        for rows in range(1, 13):
+        for rows in row_options:
             accumulators = rows * vectors
             if accumulators + vectors + 1 > registers - 2:
                 continue
@@ -144,6 +150,14 @@ ACCUMULATORS = 16
 def _padded(size, tile: int, symbolic: int) -> int:
     size = size if isinstance(size, int) else symbolic
     return -(-size // tile) * tile
+
+
+def _constant_factor(expr) -> int:
+    """The largest constant known to divide `expr` (n * 50 -> 50; a constant -> itself)."""
+    from tvm.sym.analyzer import Analyzer
+
+    return max(int(Analyzer().modular_set(expr).coeff), 1) if not isinstance(expr, tirx.IntImm) \
+        else int(expr.value)
 
 
 def _pad_to(size, tile: int) -> int:
