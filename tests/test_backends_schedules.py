@@ -154,3 +154,25 @@ def test_a_symbolic_batch_of_50_token_rows_gets_a_row_tile_that_divides_50():
     body = script[script.index('T.sblock("matmul_update")'):]
     body = body[:body.index("T.sblock(", 10)]
     assert "T.vectorized" in update and "T.where" not in body, body  # no partial row tile
+
+
+class SlicedEpilogues(torch.nn.Module):
+    """Epilogues the matmul rule folds into its write-back (bias + GELU) and ones it must not (a slice
+    of C, a padded 50-wide matmul): folding those would write past the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 192)
+
+    def forward(self, x):
+        y = torch.nn.functional.gelu(self.fc(x))
+        scores = x[..., :16] @ x[..., 16:32].transpose(-1, -2)
+        return y[..., :64] * 2.0, y, scores + 1.0
+
+
+def test_epilogues_folded_into_the_tile_write_back_match_eager():
+    torch.manual_seed(0)
+    model, x = SlicedEpilogues().eval(), torch.randn(4, 50, 64)
+    compiled = backends.compile(capture(model, (x,), name="epilogues"), "llvm")
+    for got, expected in zip(compiled(x), model(x)):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

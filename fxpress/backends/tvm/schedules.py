@@ -102,6 +102,8 @@ class Matmul(ScheduleRule):
         sch.parallel(outer)
         local = sch.cache_write(main, 0, "global")  # "local" cost a workspace alloc/free per tile; a small
         # "global" tile under the parallel loop becomes a stack array, kept in registers by LLVM
+        if padded[1:3] == [1, 1]:  # a padded tile would write its padding past the output
+            _inline_plain_epilogue(sch, local)
         sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
         _vectorize_innermost(sch, local, lanes)
         for consumer in sch.get_consumers(local):
@@ -163,6 +165,44 @@ def _constant_factor(expr) -> int:
 def _pad_to(size, tile: int) -> int:
     """The pad_einsum factor for a loop of `size` tiled by `tile` (1: divides, or symbolic)."""
     return tile if isinstance(size, int) and size % tile else 1
+
+
+def _inline_plain_epilogue(sch: s_tir.Schedule, write_back) -> None:
+    """Fold a bias/activation epilogue into the tile's write-back, so C is written once, from registers.
+
+    Only when the epilogue reads C at plain block variables (``C[0, i, j]``): then the
+    tile's rows and columns are its own, and computing it per tile reads nothing that
+    is not computed yet (see :func:`_epilogue_per_tile` for the fused-rows case).  On
+    vit-mnist at batch 64 the separate pass re-read and re-wrote a 2.4 MB output.
+    """
+    consumers = sch.get_consumers(write_back)
+    if len(consumers) != 1:
+        return
+    stmt = sch.get(consumers[0])
+    written = sch.get(write_back).writes[0].source
+    extents = {iv.var: iv.dom.extent for iv in stmt.iter_vars}
+    reads = [r for r in stmt.reads if r.source.same_as(written)]
+    if not reads or not all(_whole_axis(axis.min, size, extents)
+                            for r in reads for axis, size in zip(r.region, written.shape)):
+        return
+    try:
+        sch.reverse_compute_inline(consumers[0])
+    except Exception as err:  # noqa: BLE001 - not an inlinable epilogue: it stays a separate loop nest
+        log.debug("epilogue kept separate: %s", err)
+
+
+def _whole_axis(index, size, extents: dict) -> bool:
+    """`index` walks the whole axis of `size`: a block variable over exactly that extent, or 0 on a
+    unit axis.  (An epilogue reading a slice of C must not be folded in: the tile would write the
+    whole of it.)"""
+    if isinstance(index, tirx.IntImm):
+        return int(index) == 0 and isinstance(size, tirx.IntImm) and int(size) == 1
+    for var, extent in extents.items():
+        if index.same_as(var):
+            from tvm.sym.analyzer import Analyzer
+
+            return bool(Analyzer().can_prove(extent == size))
+    return False
 
 
 def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int) -> None:
