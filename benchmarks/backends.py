@@ -80,7 +80,7 @@ def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: 
     name, _, pipeline = model_name.partition("+")
     model = load_model(name)
     inputs = bench_inputs(model, batch)
-    torch.set_num_threads(max(threads_list))
+    torch.set_num_threads(min(threads_list))  # tvm-tuned times its candidates with this many threads
     built = build_backends(model, inputs, tune_trials, tuning_dir, pipeline)
     with torch.no_grad():
         reference = built["eager"][0](*inputs)
