@@ -135,3 +135,23 @@ def test_add_and_sub_keep_their_alpha():
     compiled = backends.compile(capture(AlphaOps(), (x, bias)), "llvm")
     for got, expected in zip(compiled(x, bias), AlphaOps()(x, bias)):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+class Lookups(torch.nn.Module):
+    """Embedding, negative index and index_select: the ops TVM lowers through ``take``."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+
+    def forward(self, ids, x):
+        return self.embed(ids), x[:, -1], x.index_select(1, torch.tensor([2, 0]))
+
+
+def test_take_matches_torch_without_tvms_fast_mode_warning(capfd):
+    torch.manual_seed(0)
+    model, ids, x = Lookups(), torch.tensor([[1, 9, 0]]), torch.randn(2, 5, 3)
+    compiled = backends.compile(capture(model, (ids, x)), "llvm")
+    for got, expected in zip(compiled(ids, x), model(ids, x)):
+        assert torch.equal(got, expected)
+    assert "Fast mode segfaults" not in capfd.readouterr().err

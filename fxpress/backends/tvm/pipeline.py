@@ -20,13 +20,26 @@ import tvm
 from tvm import relax
 
 
+def _take_wrapping_indices(bb, call):
+    """``take`` with torch's index semantics (negative indices count from the end).
+
+    TVM legalizes the importer's ``mode="fast"`` with a warning on every compile ("Fast mode
+    segfaults when there are out-of-bounds indices"); "wrap" costs one modulo per index and
+    cannot read out of bounds.
+    """
+    from tvm import topi
+
+    return bb.call_te(topi.take, call.args[0], call.args[1], call.attrs.axis, mode="wrap")
+
+
 def _legalize_and_fuse(fast_math: bool) -> list:
     from fxpress.backends.tvm.fast_math import legalize_map
 
+    rules = {"relax.take": _take_wrapping_indices, **(legalize_map() if fast_math else {})}
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(legalize_map() if fast_math else None),
+        relax.transform.LegalizeOps(rules),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
