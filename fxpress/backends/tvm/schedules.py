@@ -105,9 +105,15 @@ class Matmul(ScheduleRule):
         if padded[1:3] == [1, 1]:  # a padded tile would write its padding past the output
             _inline_plain_epilogue(sch, local)
         sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
+        if padded[1:3] != [1, 1] and _strip_per_tile(sch, local, outer):
+            return Matmul._vectorize_update(sch, main, red, r_in, c_in, lanes, col_tile)
         _vectorize_innermost(sch, local, lanes)
         for consumer in sch.get_consumers(local):
             _epilogue_per_tile(sch, consumer, outer, lanes)
+        Matmul._vectorize_update(sch, main, red, r_in, c_in, lanes, col_tile)
+
+    @staticmethod
+    def _vectorize_update(sch: s_tir.Schedule, main, red, r_in, c_in, lanes: int, col_tile: int) -> None:
         v_out, v_in = sch.split(c_in, [None, min(lanes, col_tile)])
         sch.unroll(r_in)
         sch.unroll(v_out)
@@ -189,6 +195,31 @@ def _inline_plain_epilogue(sch: s_tir.Schedule, write_back) -> None:
         sch.reverse_compute_inline(consumers[0])
     except Exception as err:  # noqa: BLE001 - not an inlinable epilogue: it stays a separate loop nest
         log.debug("epilogue kept separate: %s", err)
+
+
+def _strip_per_tile(sch: s_tir.Schedule, write_back, outer) -> bool:
+    """A padded tile: copy its valid part straight from registers to C, instead of through a
+    padded C and a strip pass (on vit-mnist's 50x50 attention scores the two copies cost more
+    than the FMAs).  Only when the strip reads the padded C at plain block variables, so the
+    tile's rows are its own; False (schedule unchanged) otherwise."""
+    strips = sch.get_consumers(write_back)
+    if len(strips) != 1:
+        return False
+    stmt = sch.get(strips[0])
+    padded = sch.get(write_back).writes[0].source
+    block_vars = [iv.var for iv in stmt.iter_vars]
+    reads = [r for r in stmt.reads if r.source.same_as(padded)]
+    plain = all(isinstance(axis.min, tirx.IntImm) or any(axis.min.same_as(v) for v in block_vars)
+                for r in reads for axis in r.region)
+    if not reads or not plain:
+        return False
+    try:
+        sch.reverse_compute_at(strips[0], outer, preserve_unit_loops=True)
+    except Exception as err:  # noqa: BLE001 - keep the separate strip pass
+        log.debug("strip kept separate: %s", err)
+        return False
+    sch.compute_inline(write_back)
+    return True
 
 
 def _whole_axis(index, size, extents: dict) -> bool:
