@@ -21,6 +21,7 @@ import logging
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.sym.analyzer import Analyzer
 from tvm.s_tir.dlight.gpu.matmul import (auto_inline_consumers, auto_inline_producers, get_index_map,
                                          get_reduction_blocks)
 from tvm.target import Target
@@ -31,9 +32,9 @@ from fxpress.backends.tvm.schedule_utils import (extent, is_cpu, multiply_add_re
 
 log = logging.getLogger(__name__)
 
-ROWS = 4  # MR: rows of the register tile (unrolled) when none of ROW_TILES divides
-ROW_TILES = [6, 4, 8, 5, 7, 3]
-MAX_COLUMN_VECTORS = 2  # NR = lanes * this (vectorized)
+ROWS = 4  # MR, NR = lanes * MAX_COLUMN_VECTORS: the register tile when none fits (not expected)
+MAX_COLUMN_VECTORS = 2  # also the widest vector loop of copies and epilogues, in vectors
+ACCUMULATORS = 16  # enough independent FMA chains for two FMA ports of 4-cycle latency
 
 
 class Matmul(ScheduleRule):
@@ -152,8 +153,6 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
     return best
 
 
-ACCUMULATORS = 16
-
 
 def _padded(size, tile: int, symbolic: int) -> int:
     size = size if isinstance(size, int) else symbolic
@@ -162,10 +161,9 @@ def _padded(size, tile: int, symbolic: int) -> int:
 
 def _constant_factor(expr) -> int:
     """The largest constant known to divide `expr` (n * 50 -> 50; a constant -> itself)."""
-    from tvm.sym.analyzer import Analyzer
-
-    return max(int(Analyzer().modular_set(expr).coeff), 1) if not isinstance(expr, tirx.IntImm) \
-        else int(expr.value)
+    if isinstance(expr, tirx.IntImm):
+        return int(expr.value)
+    return max(int(Analyzer().modular_set(expr).coeff), 1)
 
 
 def _pad_to(size, tile: int) -> int:
@@ -230,8 +228,6 @@ def _whole_axis(index, size, extents: dict) -> bool:
         return int(index) == 0 and isinstance(size, tirx.IntImm) and int(size) == 1
     for var, extent in extents.items():
         if index.same_as(var):
-            from tvm.sym.analyzer import Analyzer
-
             return bool(Analyzer().can_prove(extent == size))
     return False
 
