@@ -106,11 +106,10 @@ class Matmul(ScheduleRule):
         if padded[1:3] == [1, 1]:  # a padded tile would write its padding past the output
             _inline_plain_epilogue(sch, local)
         sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
-        if padded[1:3] != [1, 1] and _strip_per_tile(sch, local, outer):
-            return Matmul._vectorize_update(sch, main, red, r_in, c_in, lanes, col_tile)
-        _vectorize_innermost(sch, local, lanes)
-        for consumer in sch.get_consumers(local):
-            _epilogue_per_tile(sch, consumer, outer, lanes)
+        if padded[1:3] == [1, 1] or not _strip_per_tile(sch, local, outer):
+            _vectorize_innermost(sch, local, lanes)
+            for consumer in sch.get_consumers(local):
+                _epilogue_per_tile(sch, consumer, outer, lanes)
         Matmul._vectorize_update(sch, main, red, r_in, c_in, lanes, col_tile)
 
     @staticmethod
