@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpress.backends.tvm.rules import OPAQUE, RuleContext, register_lowering
+from fxpress.backends.tvm.rules import OPAQUE, RuleContext, register_lowering, relax_shape, static_int
 from fxpress.errors import LoweringError
 
 WORD = 32  # bits per packed word: 16 lanes of vpopcntd per 512-bit vector, int32 sums
@@ -248,22 +248,15 @@ def schedule_popcount_gemm(func, row_axis: int, rows, channels: int):
     return sch.mod["main"]
 
 
-def _shape(value) -> list:
-    return list(value.ty.shape)
-
-
 def _static(size, what: str, node: torch.fx.Node) -> int:
-    if not isinstance(size, int) and not hasattr(size, "value"):  # an IntImm has a value, a Var has not
-        raise LoweringError(f"TVM lowering of {node.target} at node {node.name}: the {what} must be static "
-                            f"(got {size}); only the batch may be dynamic, or use --target native")
-    return int(size)
+    return static_int(node, size, what, "only the batch may be dynamic, or use --target native")
 
 
 def _emit_scheduled(ctx: RuleContext, compute, inputs: dict, schedule, name: str):
     """call_tir of ``compute(**placeholders)`` built as a PrimFunc and scheduled by ``schedule(func)``."""
     from tvm import relax, te
 
-    holders = {key: te.placeholder(_shape(value), str(value.ty.dtype), key) if value is not None else None
+    holders = {key: te.placeholder(relax_shape(value), str(value.ty.dtype), key) if value is not None else None
                for key, value in inputs.items()}
     out = compute(**holders)
     func = te.create_prim_func([h for h in holders.values() if h is not None] + [out], "int64")
@@ -293,7 +286,7 @@ def _emit_popcount_conv(ctx: RuleContext, node: torch.fx.Node, x4, wt, geometry:
     if any(geometry.padding):
         p = _emit_scheduled(ctx, lambda p: pad_words(p, geometry), {"p": p}, schedule_pad, f"{name}_pad")
         offset = ctx.emit_te(lambda w: padding_offset(w, geometry), wt, name=f"{name}_offset")
-    batch, channels = _shape(x4)[0], _static(_shape(wt)[3], "output channels", node)
+    batch, channels = relax_shape(x4)[0], _static(relax_shape(wt)[3], "output channels", node)
     batch = int(batch) if hasattr(batch, "value") else batch  # symbolic when the batch is dynamic
     row_axis, rows = (2, geometry.out_w) if geometry.out_w > 1 else (0, batch)
 
@@ -306,7 +299,7 @@ def _emit_popcount_conv(ctx: RuleContext, node: torch.fx.Node, x4, wt, geometry:
 
 
 def _conv_geometry(x, kernel, stride, padding, dilation, node: torch.fx.Node) -> ConvGeometry:
-    _, channels, height, width = _shape(x)
+    _, channels, height, width = relax_shape(x)
     geometry = ConvGeometry(_static(channels, "input channels", node), _static(height, "input height", node),
                             _static(width, "input width", node), tuple(int(v) for v in kernel),
                             tuple(int(v) for v in stride), tuple(int(v) for v in padding),
@@ -319,7 +312,7 @@ def _conv_geometry(x, kernel, stride, padding, dilation, node: torch.fx.Node) ->
 
 def _check_weight(weight, geometry: ConvGeometry, node: torch.fx.Node, packed: bool, linear: bool = False):
     """The weight fits the input: float (N, C, kh, kw) or (N, K); packed: int64 (N, ceil(K/64))."""
-    shape = [_static(v, "weight shape", node) for v in _shape(weight)]
+    shape = [_static(v, "weight shape", node) for v in relax_shape(weight)]
     dtype = str(weight.ty.dtype)
     if packed:
         words = math.ceil(geometry.k / PACKED_WORD)
@@ -339,7 +332,7 @@ def _check_weight(weight, geometry: ConvGeometry, node: torch.fx.Node, packed: b
 def lower_binary_conv2d(ctx: RuleContext, node: torch.fx.Node):
     """conv2d(sign(x), sign(W)) * scale + bias -> pack, weight pack (load time), popcount GEMM."""
     x, weight, scale, bias, stride, padding, dilation = ctx.args(node)[:7]
-    geometry = _conv_geometry(x, _shape(weight)[2:], stride, padding, dilation, node)
+    geometry = _conv_geometry(x, relax_shape(weight)[2:], stride, padding, dilation, node)
     _check_weight(weight, geometry, node, packed=False)
     wt = ctx.emit_te(lambda w: pack_float_weight(w, geometry), weight, name="fxpress_binary_weight")
     return _emit_popcount_conv(ctx, node, x, wt, geometry, scale, bias, "fxpress_binary_conv2d")
@@ -359,15 +352,15 @@ def _emit_linear(ctx: RuleContext, x, make_wt, scale, bias, node: torch.fx.Node)
     """(..., K) -> (M, K, 1, 1), the 1x1 popcount conv, -> (..., N)."""
     from tvm import relax, tirx
 
-    *lead, k = _shape(x)
+    *lead, k = relax_shape(x)
     geometry = ConvGeometry(_static(k, "in_features", node), 1, 1, (1, 1))
     rows = math.prod(lead) if lead else 1
     x4 = ctx.bb.emit(relax.op.reshape(x, [rows, geometry.channels, 1, 1]))
     if not hasattr(rows, "value"):  # a product of dynamic dims: one variable, so PrimFuncs can bind it
-        x4 = ctx.bb.match_cast(x4, relax.TensorType([tirx.Var("rows", "int64"), *_shape(x4)[1:]], x.ty.dtype))
+        x4 = ctx.bb.match_cast(x4, relax.TensorType([tirx.Var("rows", "int64"), *relax_shape(x4)[1:]], x.ty.dtype))
     wt = make_wt(geometry)
     out = _emit_popcount_conv(ctx, node, x4, wt, geometry, scale, bias, "fxpress_binary_linear")
-    return ctx.bb.emit(relax.op.reshape(out, [*lead, _shape(wt)[3]]))
+    return ctx.bb.emit(relax.op.reshape(out, [*lead, relax_shape(wt)[3]]))
 
 
 @register_lowering("fxpress::binary_linear")
@@ -379,7 +372,7 @@ def lower_binary_linear(ctx: RuleContext, node: torch.fx.Node):
 
     def make_wt(geometry: ConvGeometry):
         _check_weight(weight, geometry, node, packed=False, linear=True)
-        weight4 = ctx.bb.emit(relax.op.reshape(weight, [_shape(weight)[0], geometry.channels, 1, 1]))
+        weight4 = ctx.bb.emit(relax.op.reshape(weight, [relax_shape(weight)[0], geometry.channels, 1, 1]))
         return ctx.emit_te(lambda w: pack_float_weight(w, geometry), weight4, name="fxpress_binary_weight")
 
     return _emit_linear(ctx, x, make_wt, scale, bias, node)

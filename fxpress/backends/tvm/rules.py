@@ -62,6 +62,21 @@ def rule_for(target: Any) -> LoweringRule | None:
     return _RULES.get(name) or _RULES.get(name.partition(".")[0])
 
 
+def relax_shape(value: Any) -> list[Any]:
+    """The dims of a Relax tensor value (IntImm or symbolic PrimExpr each)."""
+    return list(value.ty.shape.values)
+
+
+def static_int(node: torch.fx.Node, value: Any, what: str, fix: str) -> int:
+    """`value` (an int or IntImm) as an int; a LoweringError naming the op, node and `fix` if symbolic."""
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "value"):  # an IntImm has a value, a symbolic Var has not
+        return int(value.value)
+    raise LoweringError(f"{op_name(node.target)} at node {node.format_node()} has a symbolic {what} ({value}); "
+                        f"the TVM rule needs it static: {fix}")
+
+
 @dataclass
 class RuleContext:
     """What a rule sees: the importer (its block builder and value environment)."""

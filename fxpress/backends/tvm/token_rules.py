@@ -34,7 +34,7 @@ from typing import Any
 
 import torch.fx
 
-from fxpress.backends.tvm.rules import RuleContext, op_name, register_lowering
+from fxpress.backends.tvm.rules import RuleContext, op_name, register_lowering, relax_shape, static_int
 from fxpress.backends.tvm.schedule_utils import root_block
 from fxpress.errors import LoweringError
 from fxpress.passes.token_ops import MODES, max_merge
@@ -43,19 +43,7 @@ from fxpress.passes.token_ops import MODES, max_merge
 
 # -- arguments ------------------------------------------------------------------------------------
 def _static_int(node: torch.fx.Node, value: Any, what: str) -> int:
-    from tvm import tirx
-
-    if isinstance(value, tirx.IntImm):
-        return int(value.value)
-    if isinstance(value, int):
-        return value
-    raise LoweringError(f"{op_name(node.target)} at node {node.format_node()} has a symbolic {what} ({value}); "
-                        "the TVM rule needs it static: compile with dynamic=False (or capture with a static "
-                        "sequence length)")
-
-
-def _shape(expr: Any) -> list[Any]:
-    return list(expr.ty.shape.values)
+    return static_int(node, value, what, "compile with dynamic=False (or capture with a static sequence length)")
 
 
 def _unpack(node: torch.fx.Node, values: list[Any]) -> tuple:
@@ -70,7 +58,7 @@ def _unpack(node: torch.fx.Node, values: list[Any]) -> tuple:
         raise LoweringError(f"{op_name(node.target)} at node {node.format_node()}: unknown mode {mode!r}; "
                             f"choose one of {', '.join(MODES)}")
     r = _static_int(node, r, "r")
-    tokens = _static_int(node, _shape(x)[1], "token count")
+    tokens = _static_int(node, relax_shape(x)[1], "token count")
     return x, metric, size, max(0, min(r, max_merge(tokens, bool(protect)))), mode, bool(protect), \
         _static_int(node, spread, "spread"), float(temperature)
 
@@ -250,7 +238,7 @@ def _unit_keys(bb, metric):
     """Keys summed over heads (B, N, c) and scaled to unit length, as in the reference."""
     from tvm import relax
 
-    total = bb.emit(relax.op.sum(metric, axis=[1])) if len(_shape(metric)) == 4 else metric
+    total = bb.emit(relax.op.sum(metric, axis=[1])) if len(relax_shape(metric)) == 4 else metric
     norm = bb.emit(relax.op.sqrt(relax.op.sum(relax.op.multiply(total, total), axis=[-1], keepdims=True)))
     return bb.emit(relax.op.divide(total, norm))
 
@@ -265,7 +253,7 @@ def _merge(ctx: RuleContext, x, metric, size, r: int, mode: str, protect: bool, 
            temperature: float):
     from tvm import relax
 
-    bb, tokens = ctx.bb, int(_shape(x)[1])
+    bb, tokens = ctx.bb, int(relax_shape(x)[1])
     dtype = str(x.ty.dtype)
     unit = _unit_keys(bb, metric)
     a_keys, b_keys = _every_other(bb, unit, 0, tokens), _every_other(bb, unit, 1, tokens)
@@ -287,7 +275,7 @@ def _merge(ctx: RuleContext, x, metric, size, r: int, mode: str, protect: bool, 
 def _prune(ctx: RuleContext, x, importance, size, r: int, protect: bool):
     from tvm import relax
 
-    src = _emit_scheduled(ctx, prune_sources, importance, int(_shape(x)[1]) - r, protect, name="fxpress_prune_plan")
+    src = _emit_scheduled(ctx, prune_sources, importance, int(relax_shape(x)[1]) - r, protect, name="fxpress_prune_plan")
     pair = ctx.emit_te(gather_tokens, x, size, src, name="fxpress_prune_gather")
     return relax.Tuple([ctx.bb.emit(relax.TupleGetItem(pair, 0)), ctx.bb.emit(relax.TupleGetItem(pair, 1))])
 
@@ -299,7 +287,7 @@ def lower_merge_tokens(ctx: RuleContext, node: torch.fx.Node):
 
     x, metric, size, r, mode, protect, spread, temperature = _unpack(node, ctx.args(node))
     if r == 0:
-        ones = relax.op.ones(relax.ShapeExpr(_shape(x)[:2] + [1]), str(x.ty.dtype))
+        ones = relax.op.ones(relax.ShapeExpr(relax_shape(x)[:2] + [1]), str(x.ty.dtype))
         return relax.Tuple([x, size if size is not None else ctx.bb.emit(ones)])
     if mode == "prune":
         return _prune(ctx, x, metric, size, r, protect)
