@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Compress neural networks the way a compiler would: graph IR, rewrite passes, backends.",
     packages=find_packages(include=["fxpress", "fxpress.*"]),
-    package_data={"fxpress.zoo": ["fixtures/*"], "fxpress.backends.native": ["*.c"]},
+    package_data={"fxpress.zoo": ["fixtures/*"], "fxpress.backends.native": ["*.c"], "fxpress.ops": ["*.c"]},
     python_requires=">=3.10",
     install_requires=requirements,
     entry_points={"console_scripts": ["fxpress=fxpress.cli:main"]},

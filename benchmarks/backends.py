@@ -29,7 +29,7 @@ from fxpress import backends
 from fxpress.errors import LoweringError
 from fxpress.ir import capture
 from fxpress.passes import PassManager
-from fxpress.runtime.timing import interleaved_latency
+from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import load_model
 
 MODELS = ("vit-mnist", "cnn-digits", "bnn-digits", "minilm")

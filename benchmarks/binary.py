@@ -33,11 +33,11 @@ import fxpress  # noqa: E402
 from fxpress.backends.native import kernels, run_native  # noqa: E402
 from fxpress.backends.native.lowering import NativeBinaryLayer  # noqa: E402
 from fxpress.passes import PassManager  # noqa: E402
-from fxpress.passes.binary_ops import binary_sign, pack_weight  # noqa: E402
-from fxpress.passes.xnor_mst import plan_layer  # noqa: E402
-from fxpress.runtime.evaluate import classification_accuracy  # noqa: E402
-from fxpress.runtime.mst_training import binary_layers, finetune_mst, load_finetuned  # noqa: E402
-from fxpress.runtime.timing import interleaved_latency  # noqa: E402
+from fxpress.ops.binary import binary_sign, pack_weight  # noqa: E402
+from fxpress.passes.binary.xnor_mst import plan_layer  # noqa: E402
+from fxpress.eval.evaluate import classification_accuracy  # noqa: E402
+from fxpress.training.mst import binary_layers, finetune_mst, load_finetuned  # noqa: E402
+from fxpress.utils.timing import interleaved_latency  # noqa: E402
 from fxpress.zoo import load_dataset, load_model  # noqa: E402
 
 BATCH = 64

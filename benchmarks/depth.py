@@ -27,14 +27,14 @@ import torch
 import fxpress
 from fxpress.cli.render import RichProgress
 from fxpress.passes import PassContext
-from fxpress.passes.blocks import find_blocks
-from fxpress.passes.distill import Distill
-from fxpress.passes.remove_layers import block_scores, choose_removals, without_blocks
-from fxpress.passes.share_weights import ShareWeights
-from fxpress.runtime.evaluate import perplexity
-from fxpress.runtime.hf_export import save_weights
-from fxpress.runtime.retrieval import encode_texts, pydoc_mrr
-from fxpress.runtime.timing import interleaved_latency
+from fxpress.analysis.blocks import find_blocks
+from fxpress.passes.depth.distill import Distill
+from fxpress.passes.depth.remove_layers import block_scores, choose_removals, without_blocks
+from fxpress.passes.depth.share_weights import ShareWeights
+from fxpress.eval.evaluate import perplexity
+from fxpress.export.hf import save_weights
+from fxpress.eval.retrieval import encode_texts, pydoc_mrr
+from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import load_dataset, load_model, text_blocks
 
 LM_METRICS = ("angular", "cosine", "ppl", "gate", "last", "random")

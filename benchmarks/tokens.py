@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxpress  # noqa: E402
 from fxpress.passes import PassContext  # noqa: E402
-from fxpress.passes.merge_tokens import MergeTokens  # noqa: E402
-from fxpress.runtime.evaluate import classification_accuracy  # noqa: E402
+from fxpress.passes.tokens.merge_tokens import MergeTokens  # noqa: E402
+from fxpress.eval.evaluate import classification_accuracy  # noqa: E402
 from fxpress.zoo import load_dataset, load_model  # noqa: E402
 
 MODES = ("bipartite", "transform", "prune")

@@ -7,6 +7,7 @@
 from fxpress.errors import (ArtifactError, CalibrationError, CaptureError, FxpressError, LoweringError,
                             NumericError, PassError, PipelineError, PreconditionError, VerificationError,
                             ZooError)
+from fxpress import ops  # noqa: F401  (the dialect: defines every op and its facts, once)
 from fxpress.backends import CompiledModel, compile, load, register_lowering  # noqa: A004
 from fxpress.ir import Graph, NodeInfo, capture, verify
 from fxpress.passes import (Pass, PassContext, PassManager, PassResult, parse_pipeline, register_pass,

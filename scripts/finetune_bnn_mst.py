@@ -1,7 +1,7 @@
 """Fine-tune bnn-digits with the MST regularizer: fxpress/zoo/fixtures/bnn_digits_mst.*
 
 Starts from the shipped bnn-digits fixture and runs
-`fxpress.runtime.mst_training.finetune_mst` (seeded, single-threaded,
+`fxpress.training.mst.finetune_mst` (seeded, single-threaded,
 CPU; about half a minute):
 
     python scripts/finetune_bnn_mst.py
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fxpress.runtime.mst_training import (FINETUNED_FIXTURE, MSTFinetuneConfig, finetune_mst,  # noqa: E402
+from fxpress.training.mst import (FINETUNED_FIXTURE, MSTFinetuneConfig, finetune_mst,  # noqa: E402
                                           fixture_digest)
 from fxpress.zoo import load_dataset, load_model  # noqa: E402
 from fxpress.zoo.fixture_io import FIXTURE_DIR, save_fixture  # noqa: E402

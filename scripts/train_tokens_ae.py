@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fxpress  # noqa: E402
 from fxpress.passes import PassContext  # noqa: E402
-from fxpress.passes.tail_drop import TailDrop  # noqa: E402
-from fxpress.runtime.token_training import (AETrainConfig, TokenAEConfig, TokenAutoencoder,  # noqa: E402
+from fxpress.passes.tokens.tail_drop import TailDrop  # noqa: E402
+from fxpress.training.tokens import (AETrainConfig, TokenAEConfig, TokenAutoencoder,  # noqa: E402
                                             reconstruction_error, train_token_autoencoder)
 from fxpress.zoo.datasets import load_dataset  # noqa: E402
 from fxpress.zoo.fixture_io import FIXTURE_DIR, save_fixture  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               " ".join(f"{e:.4f}" for e in records[name]["test_mse_by_keep"]))
     meta = {
         "model": "tokens-ae",
-        "architecture": "fxpress.runtime.token_training.TokenAutoencoder (x2: tail_drop, plain)",
+        "architecture": "fxpress.training.tokens.TokenAutoencoder (x2: tail_drop, plain)",
         "config": config.to_dict(),
         "models": records,
         "dataset": {"name": "mnist-5k", "train_split": "train", "eval_split": "test"},

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from fxpress.backends.native import build, kernels
 from fxpress.errors import LoweringError
-from fxpress.passes.binary_ops import ReusePlan, binary_sign, pack_weight, unpack_signs
-from fxpress.passes.xnor_mst import hamming_distances, reuse_plan, reuse_tree
+from fxpress.ops.binary import ReusePlan, binary_sign, pack_weight, unpack_signs
+from fxpress.passes.binary.xnor_mst import hamming_distances, reuse_plan, reuse_tree
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=25, deadline=None)
@@ -173,8 +173,8 @@ def test_library_is_cached_by_source_hash_and_rebuilt_when_the_source_changes(mo
 PORTABLE_CHECK = """
 import torch
 from fxpress.backends.native import kernels
-from fxpress.passes.binary_ops import binary_sign, pack_weight
-from fxpress.passes.xnor_mst import plan_layer
+from fxpress.ops.binary import binary_sign, pack_weight
+from fxpress.passes.binary.xnor_mst import plan_layer
 assert kernels.simd_level() == "scalar"
 torch.manual_seed(0)
 for m, n, k in ((1, 1, 1), (5, 7, 130), (64, 9, 577)):

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from fxpress.errors import PipelineError
 from fxpress.passes import parse_pipeline
-from fxpress.passes.binary_ops import ReusePlan, binary_sign, pack_weight
-from fxpress.passes.xnor_mst import hamming_distances, plan_layer, reuse_plan, reuse_tree, tree_center
+from fxpress.ops.binary import ReusePlan, binary_sign, pack_weight
+from fxpress.passes.binary.xnor_mst import hamming_distances, plan_layer, reuse_plan, reuse_tree, tree_center
 
 torch.set_num_threads(1)
 FAST = settings(max_examples=25, deadline=None)

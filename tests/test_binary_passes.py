@@ -10,7 +10,7 @@ from fxpress.errors import PreconditionError
 from fxpress.ir.printer import format_graph
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass
-from fxpress.passes.binary_ops import MST_OPS, TRAINABLE_OPS
+from fxpress.ops.binary import MST_OPS, TRAINABLE_OPS
 from fxpress.zoo import BinaryConv2d, BinaryLinear, load_model
 
 torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import torch
 
 import fxpress
 from fxpress.passes import PassManager
-from fxpress.runtime.evaluate import classification_accuracy
-from fxpress.runtime.mst_training import (MSTFinetuneConfig, MSTRegularizer, binary_layers, finetune_mst,
+from fxpress.eval.evaluate import classification_accuracy
+from fxpress.training.mst import (MSTFinetuneConfig, MSTRegularizer, binary_layers, finetune_mst,
                                           load_finetuned, output_positions)
 from fxpress.zoo import BinaryDigitsNet, load_dataset, load_model
 

@@ -9,8 +9,8 @@ import fxpress
 from fxpress.ir.graph import Graph
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass
-from fxpress.passes.fold_constants import FoldConstants
-from fxpress.passes.fuse_batchnorm import FuseBatchNorm
+from fxpress.passes.cleanup.fold_constants import FoldConstants
+from fxpress.passes.cleanup.fuse_batchnorm import FuseBatchNorm
 from model_factories import (ConstantSubgraph, Conv1dBn, ConvBnRelu, LargeExpand, LinearBn1d, MutatedBuffer,
                              NoisyBuffer, PlainMlp, SequenceLinearBn, SharedConv, randomize_batchnorm,
                              snapshot, unchanged)

@@ -1,4 +1,4 @@
-"""Residual block discovery (fxpress.passes.blocks) and the block runner, on a tiny random LLaMA and zoo models."""
+"""Residual block discovery (fxpress.analysis.blocks) and the block runner, on a tiny random LLaMA and zoo models."""
 from __future__ import annotations
 
 import copy
@@ -10,10 +10,10 @@ from torch import nn
 import fxpress
 from fxpress.ir.verify import verify
 from fxpress.passes import PassContext
-from fxpress.passes.blocks import BlockRunner, find_block_stacks, find_blocks, remove_blocks
-from fxpress.passes.remove_layers import RemoveLayers
-from fxpress.passes.share_weights import ShareWeights
-from fxpress.passes.transformer_blocks import find_transformer_blocks
+from fxpress.analysis.blocks import BlockRunner, find_block_stacks, find_blocks, remove_blocks
+from fxpress.passes.depth.remove_layers import RemoveLayers
+from fxpress.passes.depth.share_weights import ShareWeights
+from fxpress.analysis.attention import find_transformer_blocks
 
 VOCAB = 64
 

@@ -8,9 +8,9 @@ from test_depth_blocks import tiny_llama, token_batches
 import fxpress
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.passes import PassContext, PassManager, VerifyAfterPass, parse_pipeline
-from fxpress.passes.distill import Distill, output_kd
-from fxpress.passes.remove_layers import RemoveLayers
-from fxpress.passes.share_weights import ShareWeights
+from fxpress.passes.depth.distill import Distill, output_kd
+from fxpress.passes.depth.remove_layers import RemoveLayers
+from fxpress.passes.depth.share_weights import ShareWeights
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from test_depth_blocks import skip_layers, tiny_llama, token_batches
 import fxpress
 from fxpress.errors import ArtifactError
 from fxpress.passes import PassContext, PassManager
-from fxpress.passes.blocks import find_blocks
-from fxpress.runtime.hf_export import export_hf, load_hf
+from fxpress.analysis.blocks import find_blocks
+from fxpress.export.hf import export_hf, load_hf
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import fxpress
 from fxpress.errors import PassError, PipelineError, PreconditionError
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass, parse_pipeline
-from fxpress.passes.blocks import find_blocks
-from fxpress.passes.remove_layers import RemoveLayers, block_scores, choose_removals
+from fxpress.analysis.blocks import find_blocks
+from fxpress.passes.depth.remove_layers import RemoveLayers, block_scores, choose_removals
 from fxpress.zoo import load_dataset
 
 METRICS = ("angular", "cosine", "ppl", "gate", "last", "random")

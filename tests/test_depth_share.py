@@ -11,9 +11,9 @@ import fxpress
 from fxpress.errors import PipelineError
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass, parse_pipeline
-from fxpress.passes.blocks import find_blocks
-from fxpress.passes.share_weights import ShareWeights, executed_params
-from fxpress.runtime.hf_export import load_weights, save_weights
+from fxpress.analysis.blocks import find_blocks
+from fxpress.passes.depth.share_weights import ShareWeights, executed_params
+from fxpress.export.hf import load_weights, save_weights
 
 NON_NORM = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -12,7 +12,7 @@ import fxpress
 from fxpress.errors import CalibrationError, NumericError, PassError, PipelineError, VerificationError
 from fxpress.passes import (DumpToDir, NumericCheck, Pass, PassContext, PassManager, PassResult,
                             VerifyAfterPass, format_pipeline, parse_pipeline, register_pass)
-from fxpress.passes.registry import _REGISTRY
+from fxpress.passes.infra.registry import _REGISTRY
 
 torch.set_num_threads(1)
 

@@ -16,10 +16,10 @@ from torch import nn
 import fxpress
 from fxpress.ir.verify import verify
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass
-from fxpress.passes.dce import DeadCodeElimination
-from fxpress.passes.fold_constants import FoldConstants
-from fxpress.passes.fuse_batchnorm import FuseBatchNorm
-from fxpress.passes.registry import format_pipeline, parse_pipeline
+from fxpress.passes.cleanup.dce import DeadCodeElimination
+from fxpress.passes.cleanup.fold_constants import FoldConstants
+from fxpress.passes.cleanup.fuse_batchnorm import FuseBatchNorm
+from fxpress.passes.infra.registry import format_pipeline, parse_pipeline
 from model_factories import randomize_batchnorm
 
 torch.set_num_threads(1)

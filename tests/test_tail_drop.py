@@ -11,9 +11,9 @@ import fxpress
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.ir.verify import verify
 from fxpress.passes import PassContext, PassManager, VerifyAfterPass, parse_pipeline
-from fxpress.passes.tail_drop import TailDrop
-from fxpress.passes.token_ops import TAIL_DROP
-from fxpress.runtime.token_training import (AETrainConfig, TokenAEConfig, TokenAutoencoder,
+from fxpress.passes.tokens.tail_drop import TailDrop
+from fxpress.ops.tokens import TAIL_DROP
+from fxpress.training.tokens import (AETrainConfig, TokenAEConfig, TokenAutoencoder,
                                             load_token_autoencoders, random_keep, random_tail_drop,
                                             reconstruction_error, train_token_autoencoder)
 

@@ -14,7 +14,7 @@ from torch import nn
 import fxpress
 from fxpress.errors import LoweringError
 from fxpress.passes import PassManager
-from fxpress.passes.binary_ops import MST_OPS, TRAINABLE_OPS, ReusePlan, pack_weight
+from fxpress.ops.binary import MST_OPS, TRAINABLE_OPS, ReusePlan, pack_weight
 from fxpress.zoo import load_model
 
 ops = torch.ops.fxpress

@@ -13,8 +13,8 @@ from torch import nn
 import fxpress
 from fxpress.errors import LoweringError
 from fxpress.passes import PassManager
-from fxpress.passes.token_ops import MERGE_TOKENS, TAIL_DROP
-from fxpress.runtime.token_training import TokenAEConfig, TokenAutoencoder
+from fxpress.ops.tokens import MERGE_TOKENS, TAIL_DROP
+from fxpress.training.tokens import TokenAEConfig, TokenAutoencoder
 
 torch.set_num_threads(1)
 

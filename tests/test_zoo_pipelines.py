@@ -6,7 +6,7 @@ import torch
 
 import fxpress
 from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPass
-from fxpress.runtime import calibration_batches
+from fxpress.eval import calibration_batches
 
 CLEANUP = "fold-constants,fuse-batchnorm,dce"
 MODELS = ["vit-mnist", "cnn-digits", "bnn-digits", "minilm",

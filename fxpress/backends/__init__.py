@@ -16,7 +16,7 @@ from fxpress.backends.targets import TargetSpec, available_targets, get_target, 
 from fxpress.backends.tvm.rules import RuleContext, register_lowering, registered_lowerings
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
-from fxpress.runtime.artifact import CompiledModel
+from fxpress.backends.artifact import CompiledModel
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from fxpress.ir.numerics import compare_outputs
 from fxpress.ir.printer import format_graph, write_dump
 from fxpress.passes import (DumpToDir, NumericCheck, PassContext, PassManager, PrintAfterPass,
                             VerifyAfterPass, registered_passes)
-from fxpress.passes.registry import format_type, format_value, pass_options
-from fxpress.runtime import calibration_batches, evaluate, resolve_model
-from fxpress.runtime.timing import interleaved_latency
+from fxpress.passes.infra.registry import format_type, format_value, pass_options
+from fxpress.eval import calibration_batches, evaluate
+from fxpress.zoo.specs import resolve_model
+from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import ZooModel
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def cmd_run(args) -> int:
     if args.target == "native":
         run_on_native(model, compressed, args)
     elif args.target != "eager":
-        from fxpress.backends.cli_support import compile_and_save
+        from fxpress.cli.compile_cmds import compile_and_save
 
         compile_and_save(compressed, args.target, args.out, console,
                          tune_trials=args.tune_trials, tuning_dir=args.tuning_dir)
@@ -149,7 +150,7 @@ def run_on_native(model: ZooModel, graph: Graph, args) -> None:
 
 def cmd_bench(args) -> int:
     """Time a saved compiled model."""
-    from fxpress.backends.cli_support import cmd_bench as bench
+    from fxpress.cli.compile_cmds import cmd_bench as bench
 
     return bench(args, console)
 

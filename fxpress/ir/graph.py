@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx
 
-from fxpress.ir.macs import module_macs, node_macs
+from fxpress.ir.opinfo import node_macs, op_info
 
 META_KEY = "fxpress"
 
@@ -48,6 +48,21 @@ class NodeInfo:
     params: tuple[str, ...]  # attribute paths of the parameters/buffers the node reads
     macs: int
     extra_outputs: tuple[tuple[tuple[int, ...], str], ...] = ()  # further tensor outputs
+
+
+def shape_of(node: Any) -> tuple[int, ...]:
+    """The recorded output shape of a node (() for non-nodes and nodes without a tensor)."""
+    record = node.meta.get(META_KEY) if isinstance(node, torch.fx.Node) else None
+    return tuple(record.shape) if record is not None and record.shape is not None else ()
+
+
+def module_macs(node: torch.fx.Node, module: torch.nn.Module, out_shape: tuple[int, ...] | None) -> int:
+    """MACs of a leaf module called from a symbolically traced graph: its class's OpInfo rule, which
+    receives the shapes of the module's parameters (weight first)."""
+    info = op_info(type(module))
+    if info is None or info.macs is None or out_shape is None:
+        return 0
+    return int(info.macs(node, [tuple(p.shape) for p in module.parameters()], out_shape))
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
@@ -216,9 +231,9 @@ class Graph:
             sub = self.module.get_submodule(str(node.target))
             cls = type(sub).__name__
             params = tuple(f"{node.target}.{n}" for n, _ in sub.named_parameters())
-            macs = module_macs(sub, shape)
+            macs = module_macs(node, sub, shape)
         else:
-            macs = node_macs(node.target, arg_shapes, shape) if node.op == "call_function" else 0
+            macs = node_macs(node, arg_shapes, shape) if node.op == "call_function" else 0
         return NodeInfo(shape=shape, dtype=dtype_name(first.dtype) if first is not None else None,
                         module_path=path, module_type=cls, params=params, macs=macs,
                         extra_outputs=tuple((tuple(t.shape), dtype_name(t.dtype)) for t in tensors[1:]))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fxpress.backends.native.build import load_library
 from fxpress.errors import LoweringError
-from fxpress.passes.binary_ops import ReusePlan, pack_weight, unpack_signs
+from fxpress.ops.binary import ReusePlan, pack_weight, unpack_signs
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 

@@ -21,8 +21,8 @@ from torch import nn
 from fxpress.backends.native import kernels
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Graph
-from fxpress.passes.binarize import constant_nodes, erase_dead, evaluate_constant
-from fxpress.passes.binary_ops import BINARY_OPS, MST_OPS, ops, pack_weight
+from fxpress.passes.binary.binarize import constant_nodes, erase_dead, evaluate_constant
+from fxpress.ops.binary import BINARY_OPS, MST_OPS, ops, pack_weight
 
 
 class NativeBinaryLayer(nn.Module):

@@ -1,7 +1,7 @@
 """TVM lowering rules for the binary ops that ``binarize`` and ``xnor-mst`` insert.
 
 ``fxpress::binary_linear``, ``binary_conv2d``, ``binary_linear_mst`` and
-``binary_conv2d_mst`` (see :mod:`fxpress.passes.binary_ops`) become TIR
+``binary_conv2d_mst`` (see :mod:`fxpress.ops.binary`) become TIR
 functions that are integer-exact up to the float ``scale``/``bias``::
 
     P[b, cw, y*Wp + x] = sign bits of x[b, 32cw : 32cw+32, y - ph, x - pw], 0 off the input  (uint32)

@@ -37,7 +37,7 @@ import torch.fx
 from fxpress.backends.tvm.rules import RuleContext, op_name, register_lowering, relax_shape, static_int
 from fxpress.backends.tvm.schedule_utils import root_block
 from fxpress.errors import LoweringError
-from fxpress.passes.token_ops import MODES, max_merge
+from fxpress.ops.tokens import MODES, max_merge
 
 
 

@@ -1,0 +1,1 @@
+"""Analyses shared by passes: block stacks, attention blocks, dimension flow, constants, value recording."""

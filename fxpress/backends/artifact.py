@@ -1,0 +1,162 @@
+"""Compiled models and their saved form: a folder, never a pickle.
+
+    model/
+      manifest.json       format, versions, target, input signature, sha256 of every file
+      params.safetensors  the parameters, by name
+      model.so            the compiled library (model.tar for cross targets, model.onnx for onnx)
+
+``CompiledModel.save(dir)`` writes it; ``CompiledModel.load(dir)`` checks
+the manifest, every file's hash and the versions before it loads anything,
+and raises ArtifactError naming what is wrong.  Calls are checked against
+the input signature (expected vs got).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fxpress.backends.signature import TensorSpec, check_inputs, torch_dtype
+from fxpress.errors import ArtifactError
+from fxpress.utils.timing import Latency, measure_latency
+
+log = logging.getLogger(__name__)
+
+FORMAT = "fxpress-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARAMS = "params.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions(backend: str) -> dict[str, str]:
+    """Versions recorded in (and checked against) a manifest."""
+    import fxpress
+
+    found = {"fxpress": fxpress.__version__, "torch": torch.__version__.split("+")[0]}
+    if backend == "tvm":
+        import tvm
+
+        found["tvm"] = tvm.__version__
+    elif backend == "onnx":
+        import onnxruntime
+
+        found["onnxruntime"] = onnxruntime.__version__
+    return found
+
+
+@dataclass
+class CompiledModel:
+    """A model compiled for a target: call it on torch tensors, save it, time it.
+
+    ``executable`` is the backend's runner (TVMExecutable, OnnxExecutable):
+    ``run(inputs) -> list[Tensor]``, ``params``, ``write_library(folder, stem, fmt)``.
+    """
+
+    executable: Any
+    inputs: list[TensorSpec]
+    target: str
+    name: str = "model"
+    info: dict = field(default_factory=dict)  # compile_s, backend extras; saved in the manifest
+
+    @property
+    def backend(self) -> str:
+        return self.executable.backend
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        check_inputs(self.inputs, inputs)
+        outputs = self.executable.run(tuple(inputs))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """Inputs that fit the signature: random floats, ones for integer inputs (ids, masks)."""
+        generator = torch.Generator().manual_seed(0)
+        made = []
+        for spec in self.inputs:
+            dtype = torch_dtype(spec.dtype)
+            if dtype.is_floating_point:
+                made.append(torch.randn(spec.shape, generator=generator).to(dtype))
+            else:
+                made.append(torch.ones(spec.shape, dtype=dtype))
+        return tuple(made)
+
+    def set_threads(self, threads: int) -> None:
+        """CPU threads the backend uses (TVM's pool is process-wide, like torch's)."""
+        self.executable.set_threads(threads)
+
+    def latency(self, inputs: tuple | None = None, **options: Any) -> Latency:
+        """Median/min wall-clock latency of one call (see fxpress.utils.timing.measure_latency)."""
+        inputs = tuple(inputs) if inputs is not None else self.example_inputs()
+        check_inputs(self.inputs, inputs)
+        return measure_latency(lambda *xs: self.executable.run(xs), inputs, **options)
+
+    # -- saving ----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write manifest.json, params.safetensors and the library into `folder` (replaced whole)."""
+        from safetensors.numpy import save_file
+
+        from fxpress.backends.targets import get_target
+
+        folder = Path(folder)
+        staging = Path(tempfile.mkdtemp(prefix=".fxpress-", dir=folder.parent if folder.parent.exists() else None))
+        try:
+            save_file({k: v for k, v in self.executable.params.items()}, str(staging / PARAMS))
+            library = self.executable.write_library(staging, "model", get_target(self.target).library)
+            manifest = self._manifest(staging, library)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("saved %s (%s) to %s", self.name, self.target, folder)
+        return folder
+
+    def _manifest(self, folder: Path, library: str) -> dict:
+        files = sorted(p.name for p in folder.iterdir())
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "name": self.name,
+                "backend": self.backend, "target": self.target, "versions": versions(self.backend),
+                "inputs": [spec.to_json() for spec in self.inputs], "library": library,
+                "param_names": list(getattr(self.executable, "param_names", self.executable.params)),
+                "files": {name: sha256(folder / name) for name in files}, "info": self.info}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CompiledModel:
+        """Load a saved model; ArtifactError if anything is missing, tampered or mismatched."""
+        from fxpress.backends.artifact_check import read_manifest, read_params, verify_files
+
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        params = read_params(folder / PARAMS, manifest["param_names"])
+        loader = _loader(manifest["backend"])
+        executable = loader(folder, manifest, params)
+        inputs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
+        return cls(executable=executable, inputs=inputs, target=manifest["target"],
+                   name=str(manifest.get("name", "model")), info=dict(manifest.get("info", {})))
+
+
+def _loader(backend: str) -> Callable:
+    if backend == "tvm":
+        from fxpress.backends.tvm.build import load_from_manifest
+
+        return load_from_manifest
+    if backend == "onnx":
+        from fxpress.backends.onnx import load_from_manifest
+
+        return load_from_manifest
+    raise ArtifactError(f"manifest names unknown backend {backend!r}; expected 'tvm' or 'onnx'")

@@ -1,0 +1,85 @@
+"""Checks a saved artifact before anything in it is loaded: manifest, hashes, versions, params."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from fxpress.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("format", "format_version", "backend", "target", "versions", "inputs", "library",
+            "param_names", "files")
+
+
+def read_manifest(folder: Path) -> dict:
+    from fxpress.backends.artifact import FORMAT, FORMAT_VERSION, MANIFEST
+
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder; a compiled model is saved as a folder with {MANIFEST}")
+    if not path.is_file():
+        raise ArtifactError(f"{folder} has no {MANIFEST}: not a saved fxpress model, or a truncated copy")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); the artifact is damaged: save it again") from err
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} must hold a JSON object")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{path} lacks {', '.join(missing)}; the artifact is damaged: save it again")
+    if manifest["format"] != FORMAT or manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{path} is format {manifest['format']!r} v{manifest['format_version']}; "
+                            f"this fxpress reads {FORMAT!r} v{FORMAT_VERSION}")
+    _check_versions(path, manifest)
+    return manifest
+
+
+def _check_versions(path: Path, manifest: dict) -> None:
+    from fxpress.backends.artifact import versions
+
+    recorded = manifest["versions"]
+    current = versions(manifest["backend"])
+    for name in ("tvm", "onnxruntime"):
+        if name in recorded and name in current and recorded[name] != current[name]:
+            raise ArtifactError(f"{path.parent} was compiled with {name} {recorded[name]}, this machine has "
+                                f"{current[name]}; recompile it with fxpress.compile")
+    if recorded.get("fxpress") != current["fxpress"]:
+        log.warning("%s was saved by fxpress %s; this is %s", path.parent, recorded.get("fxpress"),
+                    current["fxpress"])
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists exists and matches its sha256; the library is listed."""
+    from fxpress.backends.artifact import sha256
+
+    files = manifest["files"]
+    if not isinstance(files, dict) or manifest["library"] not in files:
+        raise ArtifactError(f"manifest of {folder} does not list its library {manifest['library']!r}")
+    for name, digest in files.items():
+        path = folder / name
+        if Path(name).name != name:
+            raise ArtifactError(f"manifest of {folder} names a file outside the folder: {name!r}")
+        if not path.is_file():
+            raise ArtifactError(f"{folder} is missing {name} (listed in the manifest); the copy is incomplete")
+        if sha256(path) != digest:
+            raise ArtifactError(f"{path} does not match the sha256 in the manifest: it was changed or "
+                                f"truncated after saving")
+
+
+def read_params(path: Path, names: list[str]) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        params = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"cannot read parameters {path}: {err}") from err
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ArtifactError(f"{path} lacks parameters {', '.join(missing[:5])}")
+    return params

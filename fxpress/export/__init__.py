@@ -1,0 +1,1 @@
+"""Export compressed graphs back to the formats users load: Hugging Face folders, safetensors."""

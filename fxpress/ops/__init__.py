@@ -1,0 +1,12 @@
+"""The dialect: every op a pass inserts, defined once with its facts (OpInfo); ATen facts too.
+
+    aten.py        MAC rules and categories of the ATen ops fxpress reasons about
+    flow_rules.py  how a tracked dimension moves through each op
+    tokens.py      fxpress::merge_tokens, fxpress::tail_drop (reference kernels, fake kernels, facts)
+    binary.py      fxpress::binary_linear / binary_conv2d and their MST-reuse forms
+    native_merge.py + token_merge.c   the fused C kernel of bipartite merging (eager CPU path)
+
+Importing this package defines every op; the `fxpress` package does so once,
+when it is imported.  Backends depend on this package, never on passes.
+"""
+from fxpress.ops import aten, binary, tokens  # noqa: F401  (defines the ops and their facts)

@@ -1,0 +1,169 @@
+"""distill: graph weights -> weights trained to match the teacher (ctx.teacher) on calibration batches.
+
+Recovery after depth compression.  The loss on each calibration batch is
+
+    KD(student output, teacher output) + hidden_weight * mean_k NMSE(h_s[-k], h_t[-k])
+
+- KD is the KL divergence of the teacher's next-token distribution from
+  the student's for causal-LM logits (Minitron's logit distillation), else
+  the squared error relative to the teacher's output;
+- with ``tail=K > 0`` the outputs of the student's last K residual blocks
+  are matched to those of the teacher's last K blocks (FoldGPT's
+  tail-layer distillation); ``tail=0`` is plain logit KD.
+
+Trained: every tensor the residual blocks read (shared tensors stay shared:
+they are one tensor, trained once) and the 1-D tensors outside the blocks
+(the final norm); embeddings and heads stay frozen and shared with the
+input graph.  Trained tensors are fresh clones: the input graph and the
+user's model are never written.  AdamW, ``steps`` steps cycling through the
+batches, with a progress bar from ``ctx.progress``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from fxpress.errors import PipelineError, PreconditionError
+from fxpress.ir.graph import Graph
+from fxpress.analysis.blocks import BlockRunner, BlockStack, find_blocks
+from fxpress.passes.infra.base import Pass, PassContext, PassResult
+from fxpress.passes.infra.registry import register_pass
+from fxpress.passes.depth.remove_layers import looks_like_lm
+
+
+def output_kd(student: torch.Tensor, teacher: torch.Tensor, batch: tuple) -> torch.Tensor:
+    """KL(teacher || student) per token for LM logits; else squared error relative to the teacher."""
+    if looks_like_lm(batch, teacher):
+        vocab = teacher.shape[-1]
+        return F.kl_div(F.log_softmax(student.reshape(-1, vocab).float(), -1),
+                        F.log_softmax(teacher.reshape(-1, vocab).float(), -1), log_target=True,
+                        reduction="batchmean")
+    return normalized_mse(student, teacher)
+
+
+def normalized_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return ((student - teacher) ** 2).mean() / (teacher ** 2).mean().clamp_min(1e-12)
+
+
+def _teacher_blocks(teacher: Any, prefix: str) -> list[torch.nn.Module]:
+    container = teacher.get_submodule(prefix) if prefix else teacher
+    children = sorted(((int(n), m) for n, m in container.named_children() if n.isdigit()), key=lambda x: x[0])
+    return [m for _, m in children]
+
+
+def teacher_targets(teacher: Any, batch: tuple, prefix: str, tail: int) -> tuple[torch.Tensor, list]:
+    """The teacher's output on `batch` and the outputs of its last `tail` blocks (a Graph or nn.Module)."""
+    with torch.no_grad():
+        if isinstance(teacher, Graph):
+            stack = find_blocks(teacher) if tail else None
+            if stack is None:
+                return teacher(*batch), []
+            runner = BlockRunner(teacher, stack, record=True)
+            output = runner(*batch)
+            return output, [runner.outputs[p] for p in range(len(stack))][-tail:]
+        hidden: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, out: hidden.append(out[0] if isinstance(out, tuple) else out))
+                 for m in (_teacher_blocks(teacher, prefix) if tail else [])]
+        try:
+            output = teacher(*batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return output, hidden[-tail:] if tail else []
+
+
+def trainable_paths(graph: Graph, stack: BlockStack | None) -> list[str]:
+    """Attribute paths to train: what the blocks read, and 1-D float tensors outside them."""
+    in_blocks = {p for b in stack.blocks for p in b.params} if stack is not None else set()
+    paths = []
+    for path, tensor in graph.referenced_tensors().items():
+        if tensor.is_floating_point() and (path in in_blocks or tensor.dim() == 1) and \
+                isinstance(tensor, torch.nn.Parameter):
+            paths.append(path)
+    return paths
+
+
+def clone_for_training(graph: Graph, paths: list[str]) -> list[torch.nn.Parameter]:
+    """Put fresh trainable clones at `paths` in `graph` (a copy); a tensor held twice gets one clone."""
+    clones: dict[int, torch.nn.Parameter] = {}
+    for path in paths:
+        tensor = graph.attribute(path)
+        if id(tensor) not in clones:
+            clones[id(tensor)] = torch.nn.Parameter(tensor.detach().clone(), requires_grad=True)
+        owner, _, leaf = path.rpartition(".")
+        holder = graph.module.get_submodule(owner) if owner else graph.module
+        delattr(holder, leaf)
+        holder.register_parameter(leaf, clones[id(tensor)])
+    return list(clones.values())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@register_pass
+@dataclass
+class Distill(Pass):
+    """W -> W - lr * grad(KD(student, teacher) + tail hidden-state loss): the graph learns the teacher's outputs."""
+
+    name: ClassVar[str] = "distill"
+    preserves_semantics: ClassVar[bool] = False
+    steps: int = 50
+    lr: float = 1e-4
+    tail: int = 2  # match the last `tail` blocks' hidden states; 0 = logit KD only
+    hidden_weight: float = 1.0
+    max_batches: int = 8
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1:
+            raise PipelineError(f"pass '{self.name}': steps and tail must be >= 0, lr > 0, max_batches >= 1")
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        teacher = ctx.require_teacher(self.name)
+        batches = ctx.require_calibration(self.name)[: self.max_batches]
+        if self.steps == 0:
+            return PassResult(graph, modified=False, stats={"steps": 0})
+        stack = find_blocks(graph)
+        if self.tail and stack is None:
+            raise PreconditionError(f"tail={self.tail} needs residual blocks, and {graph.name} has none; "
+                                    "use tail=0 for logit distillation", self.name)
+        student = graph.copy()
+        params = clone_for_training(student, trainable_paths(student, stack))
+        targets = [teacher_targets(teacher, b, stack.prefix if stack else "", self.tail) for b in batches]
+        losses = self._train(student, stack, params, batches, targets, ctx)
+        window = max(1, min(len(batches), self.steps // 2))  # mean loss over a pass of the batches
+        for param in params:
+            param.grad = None
+        student.annotate()
+        return PassResult(student, modified=True, stats={
+            "steps": self.steps, "tail": self.tail, "trained_params": sum(p.numel() for p in params),
+            "loss_first": round(_mean(losses[:window]), 6), "loss_last": round(_mean(losses[-window:]), 6)})
+
+    def _loss(self, student: Graph, stack: BlockStack | None, batch: tuple, target: tuple) -> torch.Tensor:
+        teacher_out, teacher_hidden = target
+        if not teacher_hidden:
+            return output_kd(student.module(*batch), teacher_out, batch)
+        runner = BlockRunner(student, stack, record=True)
+        output = runner(*batch)
+        count = min(len(teacher_hidden), len(stack))
+        hidden = [runner.outputs[p] for p in range(len(stack))][-count:]
+        matched = sum(normalized_mse(s, t) for s, t in zip(hidden, teacher_hidden[-count:])) / count
+        return output_kd(output, teacher_out, batch) + self.hidden_weight * matched
+
+    def _train(self, student: Graph, stack: BlockStack | None, params: list, batches: list, targets: list,
+               ctx: PassContext) -> list[float]:
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        losses = []
+        for step in ctx.progress.track(range(self.steps), "distill", total=self.steps):
+            index = step % len(batches)
+            with torch.enable_grad():
+                loss = self._loss(student, stack, batches[index], targets[index])
+                grads = torch.autograd.grad(loss, params, allow_unused=True)  # frozen tensors get no .grad
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        return losses

@@ -1,0 +1,99 @@
+"""Pass, PassResult, PassContext: the contract every compression method follows.
+
+A pass is a small registered dataclass whose fields are its options:
+
+    @register_pass
+    @dataclass
+    class RemoveLayers(Pass):
+        '''blocks[i] -> identity for the least important blocks.'''
+        name: ClassVar[str] = "remove-layers"
+        ratio: float = 0.25
+
+Calling it returns a PassResult; it never changes the graph it was given
+(the PassManager checks).  A pass with nothing to do returns the input
+graph with `modified=False`.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator, Protocol
+
+import torch
+
+from fxpress.errors import PreconditionError
+from fxpress.ir.graph import Graph
+from fxpress.passes.infra.registry import format_pass
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the new graph, whether it changed, and what it did."""
+
+    graph: Graph
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    """Reports progress of long work; the CLI supplies a rich progress bar."""
+
+    def track(self, items: Iterable, description: str, total: int | None = None) -> Iterator: ...
+
+
+class NullProgress:
+    """Progress that shows nothing (library default)."""
+
+    def track(self, items: Iterable, description: str, total: int | None = None) -> Iterator:
+        return iter(items)
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may use besides the graph. Passes never reach for globals."""
+
+    calibration: list[tuple] = field(default_factory=list)
+    teacher: Any = None  # a Graph or nn.Module giving reference outputs
+    seed: int = 0
+    device: str = "cpu"
+    progress: Progress = field(default_factory=NullProgress)
+
+    def batches(self, graph: Graph) -> list[tuple]:
+        """Calibration batches, or the graph's example inputs when none were given."""
+        return list(self.calibration) or [graph.example_inputs]
+
+    def require_calibration(self, pass_name: str) -> list[tuple]:
+        if not self.calibration:
+            raise PreconditionError("needs calibration data; pass calibration batches in the "
+                                    "PassContext (or --calibration on the command line)", pass_name)
+        return list(self.calibration)
+
+    def require_teacher(self, pass_name: str) -> Any:
+        if self.teacher is None:
+            raise PreconditionError("needs a teacher model; set PassContext(teacher=...) to the "
+                                    "original model or graph", pass_name)
+        return self.teacher
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def rng(self) -> random.Random:
+        return random.Random(self.seed)
+
+
+class Pass:
+    """Base of every pass: subclasses are registered dataclasses (see module docstring)."""
+
+    name: ClassVar[str] = "pass"
+    preserves_semantics: ClassVar[bool] = True
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__(graph, ctx)")
+
+    def __str__(self) -> str:
+        return format_pass(self)
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the docstring: the rewrite in one line."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -1,0 +1,1 @@
+"""Training loops that compression methods need: MST-regularized BNN fine-tuning, token autoencoders."""

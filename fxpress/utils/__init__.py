@@ -1,0 +1,1 @@
+"""Small helpers that depend only on fxpress.errors."""
