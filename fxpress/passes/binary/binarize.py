@@ -32,7 +32,7 @@ import torch.fx
 
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.ops.binary import BINARY_OPS, ops
+from fxpress.ops.binary import BINARY_OPS, TRAINABLE_OPS, ops
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -279,6 +279,7 @@ class Binarize(Pass):
     """conv2d(x, W) -> binary_conv2d(x, W, alpha) = conv2d(sign x, sign W) * alpha; linear alike."""
 
     name: ClassVar[str] = "binarize"
+    creates: ClassVar[tuple] = TRAINABLE_OPS
     preserves_semantics: ClassVar[bool] = False  # float layers change; sign-pattern layers stay exact
 
     layers: tuple[str, ...] = ()  # module paths of float layers to binarize; default: all but first/last

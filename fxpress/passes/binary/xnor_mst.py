@@ -43,7 +43,7 @@ import torch
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
 from fxpress.passes.binary.binarize import constant_nodes, erase_dead, evaluate_constant, find_layers
-from fxpress.ops.binary import ReusePlan, TRAINABLE_OPS, ops, pack_bits, pack_weight
+from fxpress.ops.binary import MST_OPS, ReusePlan, TRAINABLE_OPS, ops, pack_bits, pack_weight
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -259,6 +259,7 @@ class XnorMst(Pass):
     """binary_conv2d(x, W) -> binary_conv2d_mst(x, pack(W), plan): y_j = y_i + 2 sum_{W_i != W_j} w_j x."""
 
     name: ClassVar[str] = "xnor-mst"
+    creates: ClassVar[tuple] = MST_OPS
     preserves_semantics: ClassVar[bool] = True
 
     depth_bound: int | None = None  # max tree depth (>= 1); none: the MST rooted at its center

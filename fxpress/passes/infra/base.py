@@ -86,6 +86,7 @@ class Pass:
 
     name: ClassVar[str] = "pass"
     preserves_semantics: ClassVar[bool] = True
+    creates: ClassVar[tuple] = ()  # the fxpress ops this pass may insert (a backend must lower them)
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(graph, ctx)")

@@ -172,6 +172,7 @@ class MergeTokens(Pass):
     """x + attn(x) -> merge_tokens(x + attn(x)): r fewer tokens after each attention (ToMe/transform/prune)."""
 
     name: ClassVar[str] = "merge-tokens"
+    creates: ClassVar[tuple] = (MERGE_TOKENS,)
     preserves_semantics: ClassVar[bool] = False
     r: int = 8
     mode: Literal["bipartite", "transform", "prune"] = "bipartite"

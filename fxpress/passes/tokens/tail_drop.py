@@ -73,6 +73,7 @@ class TailDrop(Pass):
     """tokens -> tokens[:, :keep]: the decoder reads the first `keep` tokens of a 1D token sequence."""
 
     name: ClassVar[str] = "tail-drop"
+    creates: ClassVar[tuple] = (TAIL_DROP,)
     preserves_semantics: ClassVar[bool] = False
     keep: int = 8
     at: str = "encoder"  # module whose output is the 1D token sequence
