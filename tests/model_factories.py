@@ -1,6 +1,8 @@
 """Small models for the cleanup-pass tests: constant subgraphs, conv+bn, linear+bn, generated stacks."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -162,3 +164,37 @@ class NoisyBuffer(nn.Module):
 
     def forward(self, x):
         return x + torch.rand_like(self.base) * 0.0 + self.base * 3.0
+
+
+# -- a tiny LLaMA (random weights, 4 decoder layers) for the depth tests ----------------------
+VOCAB = 64
+
+
+def tiny_llama(layers: int = 4, seed: int = 0) -> nn.Module:
+    """A random LlamaForCausalLM (GQA, tied embeddings) wrapped to return logits; no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fxpress.zoo import CausalLMLogits
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return CausalLMLogits(LlamaForCausalLM(config)).eval()
+
+
+def token_batches(count: int, seed: int = 1, shape: tuple[int, int] = (2, 8)) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, VOCAB, shape, generator=generator),) for _ in range(count)]
+
+
+def skip_layers(model: nn.Module, removed: list[int]) -> nn.Module:
+    """Hand-built eager reference: a copy of a wrapped HF model without the given layers."""
+    reference = copy.deepcopy(model)
+    inner = reference.model
+    base = inner.model if hasattr(inner, "model") else inner
+    container_owner, attr = (base, "layers") if hasattr(base, "layers") else (base.encoder, "layer")
+    layers = getattr(container_owner, attr)
+    setattr(container_owner, attr, nn.ModuleList(m for i, m in enumerate(layers) if i not in removed))
+    inner.config.num_hidden_layers = len(layers) - len(removed)
+    return reference.eval()

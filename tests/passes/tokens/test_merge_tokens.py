@@ -448,7 +448,7 @@ def test_docs_example_runs(monkeypatch):
     import types
     from pathlib import Path
 
-    page = Path(__file__).resolve().parent.parent / "docs" / "tokens.md"
+    page = Path(__file__).resolve().parents[3] / "docs" / "tokens.md"
     (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
     module = types.ModuleType("tokens_doc_example")
     monkeypatch.setitem(sys.modules, module.__name__, module)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 torch.set_num_threads(1)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_depth_blocks import VOCAB, skip_layers, tiny_llama, token_batches
+from model_factories import VOCAB, skip_layers, tiny_llama, token_batches
 
 import fxpress
 from fxpress.errors import PassError, PipelineError, PreconditionError

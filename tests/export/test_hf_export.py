@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_depth_blocks import skip_layers, tiny_llama, token_batches
+from model_factories import skip_layers, tiny_llama, token_batches
 
 import fxpress
 from fxpress.errors import ArtifactError

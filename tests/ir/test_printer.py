@@ -2,7 +2,7 @@
 
 Regenerate the golden files after an intended change with
 
-    FXPRESS_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_printer.py
+    FXPRESS_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/ir/test_printer.py
 
 and read the diff before committing it.
 """
@@ -32,7 +32,7 @@ from fxpress.ir.views import node_groups
 
 torch.set_num_threads(1)
 GOLDEN = Path(__file__).parent / "golden"
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def conv_traced():
 
 # -- golden text ----------------------------------------------------------------------------
 def check_golden(name: str, text: str) -> None:
-    """Compare `text` with tests/golden/`name`; rewrite it when FXPRESS_UPDATE_GOLDEN=1."""
+    """Compare `text` with tests/ir/golden/`name`; rewrite it when FXPRESS_UPDATE_GOLDEN=1."""
     path = GOLDEN / name
     if os.environ.get("FXPRESS_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(parents=True, exist_ok=True)

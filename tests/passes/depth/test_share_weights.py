@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from test_depth_blocks import tiny_llama, token_batches
+from model_factories import tiny_llama, token_batches
 
 import fxpress
 from fxpress.errors import PipelineError
