@@ -19,20 +19,42 @@ class PipelineError(FxpressError):
     """A pipeline string or pass option is malformed or unknown."""
 
 
+class OptionError(PipelineError):
+    """A pass option has a value the pass cannot use (raised when the pass is made)."""
+
+
 class PassError(FxpressError):
     """A pass failed while running, or its result failed verification."""
 
-    def __init__(self, message: str, pass_name: str | None = None, ran_before: tuple[str, ...] = ()):
+    def __init__(self, message: str, pass_name: str | None = None, ran_before: tuple[str, ...] | None = None):
+        self.detail = message
         self.pass_name = pass_name
-        self.ran_before = tuple(ran_before)
-        if pass_name is not None:
+        self.ran_before = None if ran_before is None else tuple(ran_before)
+        if pass_name is not None and ran_before is not None:
             before = ", ".join(ran_before) if ran_before else "none"
             message = f"pass '{pass_name}' failed: {message} (passes run before it: {before})"
+        elif pass_name is not None:
+            message = f"pass '{pass_name}' failed: {message}"
         super().__init__(message)
+
+    def in_pipeline(self, pass_name: str, ran_before: tuple[str, ...]) -> PassError:
+        """The same error (same class) naming the pass that failed and the passes that ran before it.
+
+        The pass manager calls this: a pass raises with what it knows, the manager adds where it was.
+        """
+        placed = type(self).__new__(type(self))
+        PassError.__init__(placed, self.detail, self.pass_name or pass_name, ran_before)
+        placed.__dict__.update({k: v for k, v in self.__dict__.items()
+                                if k not in ("detail", "pass_name", "ran_before")})
+        return placed
 
 
 class PreconditionError(PassError):
     """A pass was given a graph or context it cannot work on."""
+
+
+class PostconditionError(PassError):
+    """A pass returned a graph that breaks what the pass promises."""
 
 
 class VerificationError(PassError):

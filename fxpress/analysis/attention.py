@@ -32,6 +32,7 @@ import torch
 from torch.fx import Node
 
 from fxpress.ir.graph import META_KEY, Graph
+from fxpress.ir.rewrite import ancestors
 
 aten = torch.ops.aten
 
@@ -89,18 +90,6 @@ def _shape(node: object) -> tuple[int, ...] | None:
 def _path(node: Node) -> str:
     record = node.meta.get(META_KEY)
     return record.module_path if record is not None else ""
-
-
-def ancestors(node: Node) -> set[Node]:
-    """Every node `node` reads, transitively (not including itself)."""
-    seen: set[Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
 
 
 def _scores_matmul(softmax: Node) -> Node | None:

@@ -9,9 +9,12 @@ Discovery works from graph structure and module paths, not class names:
    children; ``get_attr`` nodes are not part of a region, so blocks that
    read another block's weights after ``share-weights`` still qualify);
 3. side inputs are values produced outside the blocks and read by every
-   block (attention masks, rotary cos/sin); the block's hidden input is
-   its one other outside value, and exactly one region node (the hidden
-   output) is read outside, with the input's shape;
+   block (attention masks, rotary cos/sin); the block's hidden output is
+   the largest region node read outside, its hidden input the outside value
+   of the same rank, dtype and width (the token count may differ: a block
+   that merges tokens shortens the stream); any other value that leaves a
+   block is carried state (merge-tokens' token sizes), paired with the
+   block's other outside input of the same rank, dtype and width;
 4. the blocks chain: block k+1 reads block k's output.
 
 A graph may hold several stacks (say an encoder and a decoder);
@@ -22,6 +25,7 @@ applies to its copies.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -29,6 +33,7 @@ import torch
 import torch.fx
 from torch.fx import Node
 
+from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,7 @@ class Block:
     input: str
     output: str
     params: tuple[str, ...]  # attribute paths the region reads
+    carried: tuple[tuple[str | None, str], ...] = ()  # (input, output) of state besides the hidden stream
 
 
 @dataclass(frozen=True)
@@ -101,22 +107,52 @@ def _same_shape(graph: Graph, a: Node, b: Node) -> bool:
     return graph.info(a).shape == graph.info(b).shape
 
 
+def _compatible(graph: Graph, a: Node, b: Node) -> bool:
+    """Same dtype, rank and last dim: the same stream, whatever its token count."""
+    first, second = graph.info(a), graph.info(b)
+    return (first.shape is not None and second.shape is not None and first.dtype == second.dtype
+            and len(first.shape) == len(second.shape) and first.shape[-1:] == second.shape[-1:])
+
+
+def _numel(graph: Graph, node: Node) -> int:
+    shape = graph.info(node).shape
+    return math.prod(shape) if shape is not None else -1
+
+
+def _pair_input(graph: Graph, output: Node, inputs: list[Node]) -> Node | None:
+    """The outside input that carries the same state as `output`: same shape first, else compatible."""
+    for accept in (_same_shape, _compatible):
+        found = [a for a in inputs if accept(graph, a, output)]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            return max(found, key=lambda a: _numel(graph, a))
+    return None
+
+
 def _build_block(graph: Graph, position: int, label: int, path: str, region: list[Node],
                  shared: set[Node]) -> Block | None:
     members = set(region)
     outputs = [n for n in region if any(u not in members for u in n.users)]
-    if len(outputs) != 1:
-        log.debug("%s: %d values leave the block, not one", path, len(outputs))
+    if not outputs or any(graph.info(n).shape is None for n in outputs):
+        log.debug("%s: no tensor leaves the block", path)
         return None
-    hidden = [a for a in _outside_inputs(region) if a not in shared]
-    if len(hidden) > 1:
-        hidden = [a for a in hidden if _same_shape(graph, a, outputs[0])]
-    if len(hidden) != 1 or not _same_shape(graph, hidden[0], outputs[0]):
-        log.debug("%s: no single hidden input with the output's shape", path)
+    hidden_out = max(outputs, key=lambda n: _numel(graph, n))
+    inputs = [a for a in _outside_inputs(region) if a not in shared]
+    hidden_in = _pair_input(graph, hidden_out, inputs)
+    if hidden_in is None:
+        log.debug("%s: no hidden input with the output's shape", path)
         return None
+    rest = [a for a in inputs if a is not hidden_in]
+    carried = []
+    for output in (n for n in outputs if n is not hidden_out):
+        source = _pair_input(graph, output, rest)
+        if source is not None:
+            rest.remove(source)
+        carried.append((None if source is None else source.name, output.name))
     params = sorted({str(a.target) for n in region for a in n.all_input_nodes if a.op == "get_attr"})
-    return Block(position, path, label, tuple(n.name for n in region), hidden[0].name, outputs[0].name,
-                 tuple(params))
+    return Block(position, path, label, tuple(n.name for n in region), hidden_in.name, hidden_out.name,
+                 tuple(params), tuple(carried))
 
 
 def _build_stack(graph: Graph, prefix: str, regions: dict[int, tuple[str, list[Node]]]) -> BlockStack | None:
@@ -163,7 +199,12 @@ def remove_blocks(graph: Graph, stack: BlockStack, positions: Iterable[int]) -> 
         block = stack.blocks[position]
         region = [nodes[name] for name in block.nodes]
         members = set(region)
-        nodes[block.output].replace_all_uses_with(nodes[block.input], delete_user_cb=lambda u: u not in members)
+        for source, output in ((block.input, block.output), *block.carried):
+            if source is None:
+                raise PreconditionError(
+                    f"block {block.path} produces {nodes[output].format_node()}, which later blocks read, "
+                    "and reads no matching value, so it cannot be removed")
+            nodes[output].replace_all_uses_with(nodes[source], delete_user_cb=lambda u: u not in members)
         for node in reversed(region):
             graph.fx.erase_node(node)
         removed.append(block.path)
@@ -175,6 +216,16 @@ def remove_blocks(graph: Graph, stack: BlockStack, positions: Iterable[int]) -> 
 
 
 Transform = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def comparable(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two values of a block boundary made comparable: as they are when their shapes agree, else (a block
+    that merges tokens: (B, N, C) in, (B, N', C) out) their means over the token axis (1)."""
+    if x.shape == y.shape:
+        return x, y
+    if x.dim() == y.dim() >= 2 and x.shape[0] == y.shape[0] and x.shape[2:] == y.shape[2:]:
+        return x.mean(1), y.mean(1)
+    raise ValueError(f"block boundary values of shapes {list(x.shape)} and {list(y.shape)} cannot be compared")
 
 
 class BlockRunner(torch.fx.Interpreter):
@@ -189,7 +240,8 @@ class BlockRunner(torch.fx.Interpreter):
 
     def __init__(self, graph: Graph, stack: BlockStack, *, skip: Iterable[int] = (),
                  transform: Transform | None = None, record: bool = False):
-        super().__init__(graph.module)
+        carried = any(b.carried for b in stack.blocks)
+        super().__init__(graph.module, garbage_collect_values=not carried)  # skipped blocks pass state on
         self.graph_ = graph
         self.stack = stack
         self.transform = transform
@@ -202,6 +254,8 @@ class BlockRunner(torch.fx.Interpreter):
         self._skip_positions = set(skip)
         self._skipped = {nodes[name]: b.position for b in stack.blocks if b.position in self._skip_positions
                          for name in b.nodes}
+        self._carried_source = {nodes[out]: nodes[src] for b in stack.blocks if b.position in self._skip_positions
+                                for src, out in b.carried if src is not None}
         in_blocks = {nodes[name] for b in stack.blocks for name in b.nodes}
         last = nodes[stack.blocks[-1].output]
         before_last = []
@@ -218,6 +272,8 @@ class BlockRunner(torch.fx.Interpreter):
     def run_node(self, n: Node) -> Any:
         position = self._skipped.get(n)
         if position is not None:
+            if n in self._carried_source:  # a skipped block passes its carried state through
+                return self.env[self._carried_source[n]]
             if n not in self._output_of:
                 return None
             value = self._stash[position]

@@ -37,13 +37,15 @@ Axes = dict[int, int]  # token axis -> offset from the segment's token count
 
 @dataclass
 class SizePatch:
-    """`node.args[arg]` (or its list entry `item`) must become the segment's count + offset."""
+    """`node.args[arg]` (or its list entry `item`) must become the segment's count + offset, which is the
+    size of axis `source_axis` of the node's first argument (the tracked tensor it reshapes or slices)."""
 
     node: Node
     arg: int
     item: int | None
     segment: int
     offset: int
+    source_axis: int
 
 
 @dataclass
@@ -90,8 +92,8 @@ class _Ctx:
     def size(self, offset: int) -> int:
         return self.flow.old_count + offset
 
-    def patch(self, arg: int, item: int | None, offset: int) -> None:
-        self.flow.patches.append(SizePatch(self.node, arg, item, self.segment, offset))
+    def patch(self, arg: int, item: int | None, offset: int, source_axis: int) -> None:
+        self.flow.patches.append(SizePatch(self.node, arg, item, self.segment, offset, source_axis))
 
     def foreign(self, arg: int | str, tensor: Any, axes: list[int]) -> None:
         if isinstance(tensor, Node) and axes:

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from fxpress.errors import CaptureError
+from fxpress.ir.builder import mark_captured
 from fxpress.ir.graph import Graph
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: DynamicSpec
         module, shapes = _symbolic_trace(model, name), None
     else:
         raise CaptureError(f"unknown capture method {method!r}; use 'export' or 'symbolic_trace'")
+    mark_captured(module.graph)
     graph = Graph(module, inputs, name=name, source=method, dynamic_shapes=shapes)
     try:
         graph.annotate()

@@ -90,6 +90,33 @@ def owning_module(node: torch.fx.Node) -> tuple[str, str]:
     return str(path), cls_name
 
 
+EXPORT_SHAPE_KEYS = ("val", "tensor_meta")
+
+
+def export_meta_agrees(node: torch.fx.Node, value: Any) -> bool:
+    """Whether torch.export's `meta["val"]` of `node` describes `value` (shapes and dtypes; a symbolic
+    dim agrees with any size).  True when there is no such metadata."""
+    fake = node.meta.get("val")
+    if fake is None:
+        return True
+    fakes, reals = _tensors(fake), _tensors(value)
+    if len(fakes) != len(reals):
+        return not fakes and not reals
+    for f, r in zip(fakes, reals):
+        if f.dtype != r.dtype or f.dim() != r.dim():
+            return False
+        if any(isinstance(a, int) and a != b for a, b in zip(f.shape, r.shape)):
+            return False
+    return True
+
+
+def drop_stale_export_meta(node: torch.fx.Node, value: Any) -> None:
+    """Drop torch.export's shape metadata where a rewrite made it wrong (NodeInfo is the truth)."""
+    if not export_meta_agrees(node, value):
+        for key in EXPORT_SHAPE_KEYS:
+            node.meta.pop(key, None)
+
+
 class _Recorder(torch.fx.Interpreter):
     """Runs the graph once and records every node's output."""
 
@@ -211,7 +238,9 @@ class Graph:
         with torch.no_grad():
             recorder.run(*self._flat_inputs(self.example_inputs))
         for node in self.fx.nodes:
-            node.meta[META_KEY] = self._node_info(node, recorder.values.get(node))
+            value = recorder.values.get(node)
+            node.meta[META_KEY] = self._node_info(node, value)
+            drop_stale_export_meta(node, value)
         return self
 
     def _flat_inputs(self, inputs: tuple) -> list[Any]:

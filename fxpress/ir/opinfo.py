@@ -10,7 +10,9 @@ or a Python callable from symbolic_trace):
   rule sees the node, so an op whose cost depends on an option (merge_tokens'
   `mode`) is counted right;
 - `flow`: how a tracked dimension moves from the inputs to the output
-  (see `fxpress.analysis.token_flow`); None means "not followed".
+  (see `fxpress.analysis.token_flow`); None means "not followed";
+- `coupling`: which slices of the op's inputs and output must be removed
+  together (see `fxpress.analysis.dimension_flow`); None means "no rule".
 
 The registry is the mechanism; the facts themselves are defined once, beside
 each op, in `fxpress.ops` (the dialect), which the `fxpress` package loads
@@ -36,6 +38,7 @@ class OpInfo:
     macs: MacRule | None = None
     flow: Callable | None = None
     doc: str = ""
+    coupling: Callable | None = None
 
     @property
     def name(self) -> str:

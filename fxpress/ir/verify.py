@@ -1,7 +1,11 @@
 """Verification of a Graph: FX lint, attribute references, metadata consistency.
 
 `verify(graph)` raises VerificationError naming the first bad node; it is
-what the verify-after-pass instrument and the tests call.
+what the verify-after-pass instrument and the tests call.  Besides FX's lint
+and the attribute references it checks provenance (every `call_function`
+node says where it came from: capture, or the pass that built it through
+`fxpress.ir.builder`) and that torch.export's shape metadata, where a node
+still carries it, agrees with fxpress's NodeInfo.
 """
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from typing import Any
 import torch
 
 from fxpress.errors import VerificationError
-from fxpress.ir.graph import META_KEY, Graph, NodeInfo
+from fxpress.ir.builder import origin
+from fxpress.ir.graph import META_KEY, Graph, NodeInfo, dtype_name
 
 
 def verify(graph: Graph, *, check_shapes: bool = True) -> None:
@@ -27,6 +32,8 @@ def verify(graph: Graph, *, check_shapes: bool = True) -> None:
         if META_KEY not in node.meta:
             raise VerificationError(f"{graph.name}: node has no metadata (call graph.annotate()): "
                                     f"{node.format_node()}")
+        _check_provenance(graph, node)
+        _check_export_meta(graph, node)
     if check_shapes:
         _check_recorded_shapes(graph)
 
@@ -40,6 +47,28 @@ def _check_target(graph: Graph, node: torch.fx.Node) -> None:
         raise VerificationError(f"{graph.name}: node reads a missing attribute: {node.format_node()}") from err
     if node.op == "call_module" and not isinstance(value, torch.nn.Module):
         raise VerificationError(f"{graph.name}: call_module target is not a module: {node.format_node()}")
+
+
+def _check_provenance(graph: Graph, node: torch.fx.Node) -> None:
+    if node.op == "call_function" and origin(node) is None:
+        raise VerificationError(f"{graph.name}: node has no provenance: {node.format_node()}; create nodes "
+                                "through fxpress.ir.builder.Builder, which copies an anchor's module path")
+
+
+def _check_export_meta(graph: Graph, node: torch.fx.Node) -> None:
+    fake = node.meta.get("val")
+    record: NodeInfo = node.meta[META_KEY]
+    fakes = [fake] if isinstance(fake, torch.Tensor) else \
+        [f for f in fake if isinstance(f, torch.Tensor)] if isinstance(fake, (tuple, list)) else []
+    recorded = ([(record.shape, record.dtype)] if record.shape is not None else []) + list(record.extra_outputs)
+    if not fakes or len(fakes) != len(recorded):
+        return
+    for f, (shape, dtype) in zip(fakes, recorded):
+        if f.dim() != len(shape) or any(isinstance(a, int) and a != b for a, b in zip(f.shape, shape)) or \
+                dtype_name(f.dtype) != dtype:
+            raise VerificationError(f"{graph.name}: stale metadata on {node.format_node()}: torch.export's "
+                                    f"says {list(f.shape)} {f.dtype}, NodeInfo says {list(shape)} {dtype}; "
+                                    "re-annotate the graph (graph.recompile()) after rewriting")
 
 
 def _check_recorded_shapes(graph: Graph) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from fxpress.ir.opinfo import OpInfo, define_op
+from fxpress.ops.coupling_rules import COUPLING_RULES
 from fxpress.ops.flow_rules import FLOW_RULES
 
 aten = torch.ops.aten
@@ -107,7 +108,8 @@ def define_aten_ops() -> None:
     """Define the facts of every ATen op above, and of the traced leaf modules."""
     for category, targets in CATEGORIES.items():
         for target in targets:
-            define_op(OpInfo(target, category, MAC_RULES.get(target), FLOW_RULES.get(target)))
+            define_op(OpInfo(target, category, MAC_RULES.get(target), FLOW_RULES.get(target),
+                             coupling=COUPLING_RULES.get(target)))
     for module in (torch.nn.Linear,):
         define_op(OpInfo(module, "matmul", _module_linear))
     for module in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):

@@ -32,7 +32,7 @@ class FlowContext(Protocol):
     def axes(self, arg: Any) -> Axes | None: ...
     def tracked(self, arg: Any) -> Any: ...
     def size(self, offset: int) -> int: ...
-    def patch(self, arg: int, item: int | None, offset: int) -> None: ...
+    def patch(self, arg: int, item: int | None, offset: int, source_axis: int) -> None: ...
     def foreign(self, arg: int | str, tensor: Any, axes: list[int]) -> None: ...
     def select_ok(self, index: int) -> bool: ...
     def fail(self, why: str) -> Exception: ...
@@ -130,12 +130,14 @@ def _slice(ctx: FlowContext) -> Axes:
     if step != 1 or start < 0 or (isinstance(end, int) and end < old):
         raise ctx.fail("it slices a fixed range of tokens; only x[:, k:] is supported")
     if isinstance(end, Node) or end == old:
-        ctx.patch(3, None, axes[dim])
+        ctx.patch(3, None, axes[dim], dim)
     axes[dim] -= start
     return axes
 
 
-def _map_reshape(ctx: FlowContext, in_shape: tuple, out_shape: tuple, axes: Axes) -> Axes:
+def _map_reshape(ctx: FlowContext, in_shape: tuple, out_shape: tuple, axes: Axes,
+                 sources: dict[int, int] | None = None) -> Axes:
+    """Token axes after a reshape; `sources` (when given) receives output axis -> input axis."""
     result = {}
     for axis, off in axes.items():
         prefix = math.prod(in_shape[:axis])
@@ -144,14 +146,17 @@ def _map_reshape(ctx: FlowContext, in_shape: tuple, out_shape: tuple, axes: Axes
         if not match:
             raise ctx.fail(f"it folds token axis {axis} of {list(in_shape)} into another axis")
         result[match[0]] = off
+        if sources is not None:
+            sources[match[0]] = axis
     return result
 
 
 def _reshape(ctx: FlowContext) -> Axes:
-    axes = _map_reshape(ctx, shape_of(ctx.node.args[0]), shape_of(ctx.node), _same(ctx))
+    sources: dict[int, int] = {}
+    axes = _map_reshape(ctx, shape_of(ctx.node.args[0]), shape_of(ctx.node), _same(ctx), sources)
     for axis, off in axes.items():
         if ctx.node.args[1][axis] != -1:
-            ctx.patch(1, axis, off)
+            ctx.patch(1, axis, off, sources[axis])
     return axes
 
 
@@ -164,7 +169,7 @@ def _expand(ctx: FlowContext) -> Axes:
     axes = {a + lead: off for a, off in _same(ctx).items()}
     for axis, off in axes.items():
         if ctx.node.args[1][axis] != -1:
-            ctx.patch(1, axis, off)
+            ctx.patch(1, axis, off, axis - lead)
     return axes
 
 

@@ -224,7 +224,8 @@ def reduce_tokens(x: Tensor, metric: Tensor, size: Tensor | None, r: int, mode: 
 
 # -- the IR ops ---------------------------------------------------------------------------------
 # Defined with a plain torch.library fragment rather than @custom_op, whose Python wrapper made each
-# merge measurably slower inside a batch-64 ViT.  Inference only: the ops have no autograd kernel.
+# merge measurably slower inside a batch-64 ViT.  Gradients (distillation after merging) flow to x only:
+# the token plan (which tokens merge where, and the sizes) is treated as a constant, as ToMe's argmax is.
 _LIBRARY = torch.library.Library("fxpress", "FRAGMENT")
 _LIBRARY.define("merge_tokens(Tensor x, Tensor metric, Tensor? size, SymInt r, str mode, bool protect_cls, "
                 "SymInt spread, float temperature) -> (Tensor, Tensor)")
@@ -255,6 +256,36 @@ _LIBRARY.impl("merge_tokens", _merge_tokens, "CompositeExplicitAutograd")
 _LIBRARY.impl("tail_drop", _tail_drop, "CompositeExplicitAutograd")
 torch.library.register_fake("fxpress::merge_tokens", _merge_tokens_fake, lib=_LIBRARY)
 torch.library.register_fake("fxpress::tail_drop", _tail_drop_fake, lib=_LIBRARY)
+
+
+def _merge_setup(ctx, inputs, output) -> None:
+    ctx.inputs = inputs
+
+
+def _merge_backward(ctx, grad_tokens, grad_size):
+    """d x' / d x with the plan fixed: the merge is linear in x, so recompute it with grad on x alone."""
+    x, metric, size, *options = ctx.inputs
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        merged, _ = reduce_tokens(leaf, metric.detach(), None if size is None else size.detach(), *options)
+        (grad_x,) = torch.autograd.grad(merged, leaf, grad_tokens)
+    return grad_x, None, None, None, None, None, None, None
+
+
+def _tail_drop_setup(ctx, inputs, output) -> None:
+    ctx.shape = inputs[0].shape
+
+
+def _tail_drop_backward(ctx, grad):
+    full = grad.new_zeros(ctx.shape)
+    full[:, :grad.shape[1]] = grad
+    return full, None
+
+
+torch.library.register_autograd("fxpress::merge_tokens", _merge_backward, setup_context=_merge_setup,
+                                lib=_LIBRARY)
+torch.library.register_autograd("fxpress::tail_drop", _tail_drop_backward, setup_context=_tail_drop_setup,
+                                lib=_LIBRARY)
 
 MERGE_TOKENS = torch.ops.fxpress.merge_tokens.default  # (x', size') = T-reduction of x; see the module doc
 TAIL_DROP = torch.ops.fxpress.tail_drop.default  # x[:, :keep]

@@ -163,7 +163,7 @@ def test_collapse_sums_match_graph(mlp):
 def test_printing_is_deterministic_across_processes(mlp):
     assert format_graph(mlp) == format_graph(mlp)
     assert format_graph(mlp) == format_graph(mlp_graph())
-    script = ("import sys, torch; sys.path.insert(0, 'tests'); import test_printer as t; "
+    script = ("import sys, torch; sys.path.insert(0, 'tests/ir'); import test_printer as t; "
               "from fxpress.ir.printer import format_graph, to_dot, format_json; g = t.mlp_graph(); "
               "sys.stdout.write(format_graph(g) + to_dot(g, collapse=2) + format_json(g))")
     env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=str(REPO))

@@ -21,7 +21,7 @@ from torch import nn
 from fxpress.backends.native import kernels
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Graph
-from fxpress.passes.binary.binarize import constant_nodes, erase_dead, evaluate_constant
+from fxpress.ir.rewrite import constant_nodes, erase_dead, evaluate_constant
 from fxpress.ops.binary import BINARY_OPS, MST_OPS, ops, pack_weight
 
 

@@ -31,7 +31,9 @@ import torch
 import torch.fx
 
 from fxpress.errors import PreconditionError
+from fxpress.ir.builder import Builder, Inserter
 from fxpress.ir.graph import Graph
+from fxpress.ir.rewrite import constant_nodes, erase_dead
 from fxpress.ops.binary import BINARY_OPS, TRAINABLE_OPS, ops
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
@@ -54,52 +56,6 @@ def sign_source(node: object) -> torch.fx.Node | None:
     if (high, low) != (1.0, -1.0) or not isinstance(cond, torch.fx.Node) or cond.target != aten.ge.Scalar:
         return None
     return cond.args[0] if cond.args[1] == 0 and isinstance(cond.args[0], torch.fx.Node) else None
-
-
-def constant_nodes(graph: Graph) -> set[torch.fx.Node]:
-    """Nodes whose value does not depend on the inputs: attributes and pure ops on them."""
-    constant: set[torch.fx.Node] = set()
-    for node in graph.fx.nodes:
-        if node.op == "get_attr" or (node.op == "call_function" and not node.is_impure()
-                                     and all(a in constant for a in node.all_input_nodes)):
-            constant.add(node)
-    return constant
-
-
-def evaluate_constant(graph: Graph, node: object, memo: dict | None = None) -> object:
-    """The value of a constant node (attributes read, pure ops run on them)."""
-    memo = {} if memo is None else memo
-    if not isinstance(node, torch.fx.Node):
-        return node
-    if node not in memo:
-        if node.op == "get_attr":
-            memo[node] = graph.attribute(str(node.target))
-        else:
-            args = torch.fx.node.map_arg(node.args, lambda a: evaluate_constant(graph, a, memo))
-            kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: evaluate_constant(graph, a, memo))
-            with torch.no_grad():
-                memo[node] = node.target(*args, **kwargs)
-    return memo[node]
-
-
-def erase_dead(graph: Graph, seeds: Iterable[torch.fx.Node]) -> int:
-    """Erase `seeds` and their producers once nothing but metadata asserts reads them."""
-    pending, erased = list(seeds), set()
-    while pending:
-        node = pending.pop()
-        if node in erased or node.op in ("placeholder", "output"):
-            continue
-        users = list(node.users)
-        if any(u.target not in ASSERTS for u in users) or (node.target not in ASSERTS and node.is_impure()):
-            continue
-        inputs = node.all_input_nodes
-        for user in users:
-            graph.fx.erase_node(user)
-            erased.add(user)
-        graph.fx.erase_node(node)
-        erased.add(node)
-        pending.extend(inputs)
-    return len(erased)
 
 
 # -- matching ---------------------------------------------------------------------------------
@@ -228,26 +184,20 @@ def select_layers(layers: list[BinaryLayer], paths: tuple[str, ...], keep_first_
     return [layer for layer in layers if layer.state == "binary" or layer in chosen]
 
 
-def _insert(graph: Graph, target, args: tuple, like: torch.fx.Node) -> torch.fx.Node:
-    node = graph.fx.call_function(target, args, name=target.overloadpacket.__name__)
-    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack") or {})
-    return node
-
-
-def _channel_vector(graph: Graph, node: torch.fx.Node | None, channels: int, like) -> torch.fx.Node | None:
+def _channel_vector(graph: Graph, at: Inserter, node: torch.fx.Node | None, channels: int) -> torch.fx.Node | None:
     """`node` as a (C,) tensor: itself, the 1-D tensor it views, or a new reshape of it."""
     if node is None or tuple(graph.info(node).shape or ()) == (channels,):
         return node
     if node.target in _VIEWS and tuple(graph.info(node.args[0]).shape or ()) == (channels,):
         return node.args[0]
-    return _insert(graph, aten.reshape.default, (node, [channels]), like)
+    return at.call(aten.reshape.default, node, [channels])
 
 
-def _alpha(graph: Graph, weight: torch.fx.Node, like: torch.fx.Node) -> torch.fx.Node:
+def _alpha(at: Inserter, weight: torch.fx.Node) -> torch.fx.Node:
     """alpha = mean |W| per output channel, as graph nodes (it trains with W)."""
-    magnitude = _insert(graph, aten.abs.default, (weight,), like)
-    flat = _insert(graph, aten.flatten.using_ints, (magnitude, 1), like)
-    return _insert(graph, aten.mean.dim, (flat, [1]), like)
+    magnitude = at.call(aten.abs.default, weight)
+    flat = at.call(aten.flatten.using_ints, magnitude, 1)
+    return at.call(aten.mean.dim, flat, [1])
 
 
 def rewrite_layer(graph: Graph, layer: BinaryLayer, scale: str) -> None:
@@ -256,25 +206,25 @@ def rewrite_layer(graph: Graph, layer: BinaryLayer, scale: str) -> None:
     output, conv_node = nodes[layer.output], nodes[layer.layer]
     weight = nodes[layer.weight]
     channels = graph.attribute(str(weight.target)).shape[0]
-    with graph.fx.inserting_before(output):
+    with Builder(graph, Binarize.name).before(output, like=conv_node) as at:
         if layer.state == "float":
-            alpha = _alpha(graph, weight, conv_node) if scale == "channel" else None
+            alpha = _alpha(at, weight) if scale == "channel" else None
         else:
-            alpha = _channel_vector(graph, nodes.get(layer.scale), channels, conv_node)
-        bias = _channel_vector(graph, nodes.get(layer.bias), channels, conv_node)
+            alpha = _channel_vector(graph, at, nodes.get(layer.scale), channels)
+        bias = _channel_vector(graph, at, nodes.get(layer.bias), channels)
         args = (nodes[layer.x], weight, alpha, bias)
         if layer.kind == "conv2d":
             args += tuple(list(v) for v in layer.conv)
             target = ops.binary_conv2d.default
         else:
             target = ops.binary_linear.default
-        op = _insert(graph, target, args, conv_node)
+        op = at.call(target, *args, name=target.overloadpacket.__name__)
     output.replace_all_uses_with(op)
     erase_dead(graph, [output])
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Binarize(Pass):
     """conv2d(x, W) -> binary_conv2d(x, W, alpha) = conv2d(sign x, sign W) * alpha; linear alike."""
 

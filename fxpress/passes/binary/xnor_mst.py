@@ -42,7 +42,9 @@ import torch
 
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.passes.binary.binarize import constant_nodes, erase_dead, evaluate_constant, find_layers
+from fxpress.ir.builder import Builder, Inserter
+from fxpress.ir.rewrite import add_tensor, constant_nodes, erase_dead, evaluate_constant
+from fxpress.passes.binary.binarize import find_layers
 from fxpress.ops.binary import MST_OPS, ReusePlan, TRAINABLE_OPS, ops, pack_bits, pack_weight
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
@@ -201,21 +203,12 @@ def summarize(layers: list[LayerReuse]) -> dict:
             "mst_bitops_per_sample": mst, "ratio": round(dense / mst, 3) if mst else None}
 
 
-def _register(graph: Graph, owner: str, wanted: str, value: torch.Tensor) -> str:
-    module = graph.module.get_submodule(owner) if owner else graph.module
-    leaf, suffix = wanted, 1
-    while hasattr(module, leaf):
-        leaf, suffix = f"{wanted}_{suffix}", suffix + 1
-    module.register_buffer(leaf, value)
-    return f"{owner}.{leaf}" if owner else leaf
-
-
-def _frozen(graph: Graph, arg: object, owner: str, wanted: str) -> object:
+def _frozen(graph: Graph, at: Inserter, arg: object, owner: str, wanted: str) -> object:
     """A constant argument as a get_attr: kept if it already is one, else evaluated to a buffer."""
     if not isinstance(arg, torch.fx.Node) or arg.op == "get_attr":
         return arg
     value = evaluate_constant(graph, arg).detach().clone()
-    return graph.fx.get_attr(_register(graph, owner, wanted, value))
+    return at.get_attr(add_tensor(graph, owner, wanted, value))
 
 
 def _positions(shape: tuple[int, ...], kind: str) -> int:
@@ -236,17 +229,16 @@ def rewrite_op(graph: Graph, node: torch.fx.Node, path: str, depth_bound: int | 
     plan, weight_sum, spanning, depth = plan_layer(weight, depth_bound)
     owner = str(weight_arg.target).rpartition(".")[0] if weight_arg.op == "get_attr" else ""
     kind = "conv2d" if node.target == ops.binary_conv2d.default else "linear"
-    with graph.fx.inserting_before(node):
-        packed = graph.fx.get_attr(_register(graph, owner, "weight_packed", pack_weight(weight)))
-        plan_node = graph.fx.get_attr(_register(graph, owner, "mst_plan", plan.to_tensor()))
-        args = (x, packed, plan_node, _frozen(graph, scale, owner, "scale_frozen"),
-                _frozen(graph, bias, owner, "bias_frozen"))
+    with Builder(graph, XnorMst.name).before(node) as at:
+        packed = at.get_attr(add_tensor(graph, owner, "weight_packed", pack_weight(weight)))
+        plan_node = at.get_attr(add_tensor(graph, owner, "mst_plan", plan.to_tensor()))
+        args = (x, packed, plan_node, _frozen(graph, at, scale, owner, "scale_frozen"),
+                _frozen(graph, at, bias, owner, "bias_frozen"))
         if kind == "conv2d":
             target, args = ops.binary_conv2d_mst.default, args + (list(weight.shape[2:]), *node.args[4:7])
         else:
             target = ops.binary_linear_mst.default
-        new_node = graph.fx.call_function(target, args, name=target.overloadpacket.__name__)
-    new_node.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack") or {})
+        new_node = at.call(target, *args, name=target.overloadpacket.__name__)
     shape = graph.info(node).shape
     node.replace_all_uses_with(new_node)
     erase_dead(graph, [node])
@@ -254,7 +246,7 @@ def rewrite_op(graph: Graph, node: torch.fx.Node, path: str, depth_bound: int | 
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class XnorMst(Pass):
     """binary_conv2d(x, W) -> binary_conv2d_mst(x, pack(W), plan): y_j = y_i + 2 sum_{W_i != W_j} w_j x."""
 
@@ -267,7 +259,7 @@ class XnorMst(Pass):
 
     def __post_init__(self) -> None:
         if self.depth_bound is not None and self.depth_bound < 1:
-            raise ValueError(f"depth_bound must be at least 1 (1 = every channel from the root), "
+            raise self.bad_option(f"depth_bound must be at least 1 (1 = every channel from the root), "
                              f"got {self.depth_bound}")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:

@@ -15,7 +15,7 @@ from fxpress.passes.infra.registry import register_pass
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class DeadCodeElimination(Pass):
     """unused(x) -> removed; unread parameters and buffers -> deleted."""
 

@@ -25,7 +25,9 @@ import torch
 import torch.fx
 
 from fxpress.errors import PassError
+from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
+from fxpress.ir.rewrite import add_tensor
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -50,7 +52,7 @@ _NONDETERMINISTIC = {
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FoldConstants(Pass):
     """op(buffers, literals) -> get_attr(_folded.op): constant subgraphs computed once."""
 
@@ -62,7 +64,7 @@ class FoldConstants(Pass):
 
     def __post_init__(self) -> None:
         if not self.max_growth > 0:
-            raise ValueError(f"max_growth must be positive, got {self.max_growth}")
+            raise self.bad_option(f"max_growth must be positive, got {self.max_growth}")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan = plan_folding(graph, self.max_growth, self.fold_params)
@@ -310,14 +312,14 @@ def _too_large(node: torch.fx.Node, value: torch.Tensor, constant: set[torch.fx.
 def _apply(plan: FoldPlan, graph: Graph, pass_name: str) -> list[str]:
     """Put the planned buffers in place of their nodes, erase what only they read; return the buffers."""
     by_name = {node.name: node for node in graph.fx.nodes}
-    paths = []
+    build, paths = Builder(graph, pass_name), []
     for name, value in plan.folds.items():
         node = by_name[name]
-        path = _register_constant(graph, name, value, pass_name)
+        path = add_tensor(graph, FOLDED_MODULE, name, value)
         paths.append(path)
-        with graph.fx.inserting_before(node):
-            replacement = graph.fx.get_attr(path)
-        _carry_meta(node, replacement, value)
+        with build.before(node) as at:
+            replacement = at.get_attr(path)
+        _carry_export_meta(node, replacement, value)
         node.replace_all_uses_with(replacement)
     for name in plan.asserts:
         graph.fx.erase_node(by_name[name])
@@ -327,29 +329,11 @@ def _apply(plan: FoldPlan, graph: Graph, pass_name: str) -> list[str]:
     return paths
 
 
-def _carry_meta(node: torch.fx.Node, replacement: torch.fx.Node, value: torch.Tensor) -> None:
-    """Keep export's metadata on the new get_attr where it still describes the value."""
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in node.meta:
-            replacement.meta[key] = node.meta[key]
+def _carry_export_meta(node: torch.fx.Node, replacement: torch.fx.Node, value: torch.Tensor) -> None:
+    """Keep export's shape metadata on the new get_attr where it still describes the value."""
     fake = node.meta.get("val")
     if isinstance(fake, torch.Tensor) and (fake.shape, fake.dtype, fake.stride()) == \
             (value.shape, value.dtype, value.stride()):
         for key in ("val", "tensor_meta"):
             if key in node.meta:
                 replacement.meta[key] = node.meta[key]
-
-
-def _register_constant(graph: Graph, node_name: str, value: torch.Tensor, pass_name: str) -> str:
-    holder = getattr(graph.module, FOLDED_MODULE, None)
-    if holder is None:
-        holder = torch.nn.Module()
-        graph.module.add_module(FOLDED_MODULE, holder)
-    elif not isinstance(holder, torch.nn.Module):
-        raise PassError(f"the graph module has a non-module attribute '{FOLDED_MODULE}' where folded "
-                        f"constants go; rename it before folding", pass_name)
-    leaf, suffix = node_name, 1
-    while hasattr(holder, leaf):
-        leaf, suffix = f"{node_name}_{suffix}", suffix + 1
-    holder.register_buffer(leaf, value)
-    return f"{FOLDED_MODULE}.{leaf}"

@@ -30,7 +30,9 @@ from typing import ClassVar
 import torch
 import torch.fx
 
+from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
+from fxpress.ir.rewrite import add_tensor, fresh_leaf
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -73,7 +75,7 @@ class FusionMatch:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class FuseBatchNorm(Pass):
     """batch_norm(conv(x, W, b)) -> conv(x, W', b'); batch_norm(linear(x)) -> linear'(x)."""
 
@@ -191,30 +193,17 @@ def _match_export(graph: Graph, norm: torch.fx.Node) -> FusionMatch | None:
     return FusionMatch(layer.name, norm.name, result.name, _owner(layer.args[1]), _owner(norm.args[3]), stats)
 
 
-def _fresh_leaf(module: torch.nn.Module, wanted: str) -> str:
-    leaf, suffix = wanted, 1
-    while hasattr(module, leaf):
-        leaf, suffix = f"{wanted}_{suffix}", suffix + 1
-    return leaf
-
-
-def _add_parameter(graph: Graph, owner: str, wanted: str, value: torch.Tensor, like: torch.Tensor) -> str:
-    module = graph.module.get_submodule(owner) if owner else graph.module
-    leaf = _fresh_leaf(module, wanted)
-    module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=like.requires_grad))
-    return f"{owner}.{leaf}" if owner else leaf
-
-
 def _fuse_export(graph: Graph, match: FusionMatch, nodes: dict[str, torch.fx.Node]) -> None:
     layer = nodes[match.layer]
     weight_node, bias_node = layer.args[1], _bias_arg(layer)
     weight = _attr(graph, weight_node)
     new_weight, new_bias = fold_batchnorm(weight, _attr(graph, bias_node), match.stats)
-    weight_path = _add_parameter(graph, match.layer_path, "weight_fused", new_weight, weight)
-    bias_path = _add_parameter(graph, match.layer_path, "bias_fused", new_bias, weight)
-    with graph.fx.inserting_before(layer):
+    grad = weight.requires_grad
+    weight_path = add_tensor(graph, match.layer_path, "weight_fused", new_weight, parameter=True, requires_grad=grad)
+    bias_path = add_tensor(graph, match.layer_path, "bias_fused", new_bias, parameter=True, requires_grad=grad)
+    with Builder(graph, FuseBatchNorm.name).before(layer) as at:
         args = list(layer.args) + [None] * max(0, 3 - len(layer.args))
-        args[1], args[2] = graph.fx.get_attr(weight_path), graph.fx.get_attr(bias_path)
+        args[1], args[2] = at.get_attr(weight_path), at.get_attr(bias_path)
     layer.args = tuple(args)
     layer.kwargs = {k: v for k, v in layer.kwargs.items() if k != "bias"}
     nodes[match.result].replace_all_uses_with(layer)
@@ -268,7 +257,7 @@ def _fuse_traced(graph: Graph, match: FusionMatch, nodes: dict[str, torch.fx.Nod
     owner = graph.module.get_submodule(owner_path) if owner_path else graph.module
     layer = nodes[match.layer]
     if _read_elsewhere(graph, layer):  # keep the old module for its other readers
-        leaf = _fresh_leaf(owner, f"{leaf}_fused")
+        leaf = fresh_leaf(owner, f"{leaf}_fused")
         layer.target = f"{owner_path}.{leaf}" if owner_path else leaf
     setattr(owner, leaf, fused)
     norm = nodes[match.norm]

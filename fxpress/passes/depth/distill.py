@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.analysis.blocks import BlockRunner, BlockStack, find_blocks
+from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, find_blocks
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 from fxpress.passes.depth.remove_layers import looks_like_lm
@@ -105,7 +105,7 @@ def _mean(values: list[float]) -> float:
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class Distill(Pass):
     """W -> W - lr * grad(KD(student, teacher) + tail hidden-state loss): the graph learns the teacher's outputs."""
 
@@ -119,7 +119,7 @@ class Distill(Pass):
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1:
-            raise PipelineError(f"pass '{self.name}': steps and tail must be >= 0, lr > 0, max_batches >= 1")
+            raise self.bad_option(f"steps and tail must be >= 0, lr > 0, max_batches >= 1")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         teacher = ctx.require_teacher(self.name)
@@ -150,7 +150,7 @@ class Distill(Pass):
         output = runner(*batch)
         count = min(len(teacher_hidden), len(stack))
         hidden = [runner.outputs[p] for p in range(len(stack))][-count:]
-        matched = sum(normalized_mse(s, t) for s, t in zip(hidden, teacher_hidden[-count:])) / count
+        matched = sum(normalized_mse(*comparable(s, t)) for s, t in zip(hidden, teacher_hidden[-count:])) / count
         return output_kd(output, teacher_out, batch) + self.hidden_weight * matched
 
     def _train(self, student: Graph, stack: BlockStack | None, params: list, batches: list, targets: list,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.analysis.blocks import BlockRunner, BlockStack, find_blocks, remove_blocks
+from fxpress.analysis.blocks import comparable, BlockRunner, BlockStack, find_blocks, remove_blocks
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -63,7 +63,7 @@ def _angular_scores(graph: Graph, stack: BlockStack, batches: list[tuple], metri
         with torch.no_grad():
             runner(*batch)
         for position in range(len(stack)):
-            x, y = runner.inputs[position], runner.outputs[position]
+            x, y = comparable(runner.inputs[position], runner.outputs[position])
             cos = F.cosine_similarity(x.flatten(0, -2).double(), y.flatten(0, -2).double(), dim=-1).clamp(-1, 1)
             score = torch.arccos(cos) / math.pi if metric == "angular" else 1 - cos
             totals[position] += float(score.mean()) / len(batches)
@@ -104,9 +104,23 @@ def project_budget(gates: torch.Tensor, budget: float, iterations: int = 50) -> 
     return (gates - (low + high) / 2).clamp(0, 1)
 
 
+def _check_gateable(graph: Graph, stack: BlockStack, batch: tuple) -> None:
+    """metric=gate interpolates a block's input and output, so both must have one shape."""
+    runner = BlockRunner(graph, stack, record=True)
+    with torch.no_grad():
+        runner(*batch)
+    for position, block in enumerate(stack.blocks):
+        x, y = runner.inputs[position], runner.outputs[position]
+        if x.shape != y.shape:
+            raise PreconditionError(f"metric=gate interpolates each block's input and output, but block "
+                                    f"{block.path} maps {list(x.shape)} to {list(y.shape)} (a pass before "
+                                    "changed its token count); use metric=angular or metric=ppl", RemoveLayers.name)
+
+
 def _gate_scores(graph: Graph, stack: BlockStack, batches: list[tuple], count: int, steps: int,
                  ctx) -> list[float]:
     n = len(stack)
+    _check_gateable(graph, stack, batches[0])
     budget = float(n - count)
     gates = torch.full((n,), budget / n, dtype=torch.float32, requires_grad=True)
     with torch.no_grad():
@@ -161,7 +175,7 @@ def without_blocks(graph: Graph, stack: BlockStack, positions: list[int]) -> Gra
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class RemoveLayers(Pass):
     """block(x) -> x for the ratio (or count) of least important residual blocks; their params go."""
 
@@ -177,13 +191,13 @@ class RemoveLayers(Pass):
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.count is not None:
-            raise PipelineError(f"pass '{self.name}': give ratio or count, not both")
+            raise self.bad_option(f"give ratio or count, not both")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise PipelineError(f"pass '{self.name}': ratio must be in [0, 1), got {self.ratio}")
+            raise self.bad_option(f"ratio must be in [0, 1), got {self.ratio}")
         if self.count is not None and self.count < 0:
-            raise PipelineError(f"pass '{self.name}': count must be >= 0, got {self.count}")
+            raise self.bad_option(f"count must be >= 0, got {self.count}")
         if min(self.keep_first, self.keep_last, self.max_batches - 1, self.gate_steps - 1) < 0:
-            raise PipelineError(f"pass '{self.name}': keep_first/keep_last must be >= 0, "
+            raise self.bad_option(f"keep_first/keep_last must be >= 0, "
                                 "max_batches/gate_steps >= 1")
 
     def removal_count(self, blocks: int) -> int:

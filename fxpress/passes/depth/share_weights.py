@@ -122,7 +122,7 @@ def share_group(graph: Graph, stack: BlockStack, members: list[Block], policy: s
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class ShareWeights(Pass):
     """blocks g*k+1 .. g*k+g-1 read block g*k's weights (norms stay per block); unread copies are deleted."""
 
@@ -133,7 +133,7 @@ class ShareWeights(Pass):
 
     def __post_init__(self) -> None:
         if self.group < 1:
-            raise PipelineError(f"pass '{self.name}': group must be >= 1, got {self.group}")
+            raise self.bad_option(f"group must be >= 1, got {self.group}")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         stack = find_blocks(graph)

@@ -3,15 +3,21 @@
 A pass is a small registered dataclass whose fields are its options:
 
     @register_pass
-    @dataclass
+    @dataclass(frozen=True)
     class RemoveLayers(Pass):
         '''blocks[i] -> identity for the least important blocks.'''
         name: ClassVar[str] = "remove-layers"
         ratio: float = 0.25
 
-Calling it returns a PassResult; it never changes the graph it was given
-(the PassManager checks).  A pass with nothing to do returns the input
-graph with `modified=False`.
+Options are frozen (a pass is a value: `str(pass)` round-trips) and a bad
+value raises `OptionError` through `self.bad_option(...)`.  The manager
+calls `requires(graph, ctx)` first (PreconditionError when the pass cannot
+work here), then the pass, then `ensures(graph)` on a modified result.
+`creates` declares the `fxpress::` ops the pass may insert, so a pipeline
+is checked against a target before anything runs.  Calling a pass returns a
+PassResult; it never changes the graph it was given (the PassManager
+checks).  A pass with nothing to do returns the input graph with
+`modified=False` and a `reason` in its stats.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 
-from fxpress.errors import PreconditionError
+from fxpress.errors import OptionError, PreconditionError
 from fxpress.ir.graph import Graph
 from fxpress.passes.infra.registry import format_pass
 
@@ -88,8 +94,20 @@ class Pass:
     preserves_semantics: ClassVar[bool] = True
     creates: ClassVar[tuple] = ()  # the fxpress ops this pass may insert (a backend must lower them)
 
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        """Precondition, checked by the manager before the pass runs: raise PreconditionError when the
+        graph or context cannot be worked on (saying why and what to do).  Default: anything goes."""
+
+    def ensures(self, graph: Graph) -> None:
+        """Postcondition on the graph a pass returned with modified=True: raise PostconditionError
+        when it does not hold.  Default: nothing beyond the manager's own checks."""
+
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(graph, ctx)")
+
+    def bad_option(self, message: str) -> OptionError:
+        """The one error for an option value the pass cannot use (raise it from __post_init__)."""
+        return OptionError(f"pass '{self.name}': {message}")
 
     def __str__(self) -> str:
         return format_pass(self)

@@ -92,11 +92,12 @@ class PassManager:
         before_figures, fingerprint = graph.figures(), _fingerprint(graph)
         start = time.perf_counter()
         try:
+            pass_.requires(graph, ctx)
             result = pass_(graph, ctx)
+            if isinstance(result, PassResult) and result.modified:
+                pass_.ensures(result.graph)
         except PassError as err:
-            if err.pass_name is None:
-                raise PassError(str(err), pass_.name, ran_before) from err
-            raise
+            raise err.in_pipeline(pass_.name, ran_before) from err
         except FxpressError:
             raise
         except Exception as err:  # noqa: BLE001 - any crash inside a pass is that pass's failure

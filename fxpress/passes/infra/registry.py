@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Iterable
 
-from fxpress.errors import PipelineError
+from fxpress.errors import OptionError, PipelineError
 
 _REGISTRY: dict[str, type] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -27,8 +27,9 @@ def register_pass(cls: type) -> type:
         raise PipelineError(f"{cls.__name__} needs a kebab-case class attribute `name`, got {name!r}")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise PipelineError(f"pass name {name!r} is taken by {_REGISTRY[name].__qualname__}")
-    if not dataclasses.is_dataclass(cls):
-        raise PipelineError(f"pass {name!r} ({cls.__name__}) must be a dataclass so its options are typed")
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise PipelineError(f"pass {name!r} ({cls.__name__}) must be a frozen dataclass "
+                            "(@dataclass(frozen=True)) so its options are typed and fixed")
     _REGISTRY[name] = cls
     return cls
 
@@ -112,6 +113,8 @@ def make_pass(name: str, options: dict[str, Any]) -> Any:
         kwargs[key] = convert_option(name, key, hints[key], raw)
     try:
         return cls(**kwargs)
+    except OptionError:
+        raise
     except (TypeError, ValueError) as err:
         raise PipelineError(f"pass '{name}': {err}") from err
 

@@ -30,6 +30,7 @@ import torch
 from torch.fx import Node
 
 from fxpress.errors import PreconditionError
+from fxpress.ir.builder import Builder, Inserter
 from fxpress.ir.graph import Graph
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
@@ -67,65 +68,53 @@ def plan_tokens(blocks: list[TransformerBlock], wanted: list[int], protect_cls: 
     return plan
 
 
-class _Builder:
-    """Inserts nodes into `graph` in order, just before `anchor`."""
-
-    def __init__(self, graph: Graph, anchor: Node):
-        self.graph, self.anchor = graph, anchor
-
-    def __call__(self, target, *args) -> Node:
-        with self.graph.fx.inserting_before(self.anchor):
-            return self.graph.fx.call_function(target, args)
-
-
-def _keys_metric(build: _Builder, block: TransformerBlock) -> Node:
+def _keys_metric(at: Inserter, block: TransformerBlock) -> Node:
     """The keys, (B, H, N, d) or (B, N, d): the op averages them over heads for ToMe's metric."""
     key = block.attention.key
-    return build(aten.transpose.int, key, -2, -1) if block.attention.key_transposed else key
+    return at.call(aten.transpose.int, key, -2, -1) if block.attention.key_transposed else key
 
 
-def _logits_bias(build: _Builder, size: Node) -> Node:
+def _logits_bias(at: Inserter, size: Node) -> Node:
     """log(size) shaped (B, 1, 1, N) to add to attention logits."""
-    return build(aten.unsqueeze.default, build(aten.transpose.int, build(aten.log.default, size), 1, 2), 1)
+    return at.call(aten.unsqueeze.default, at.call(aten.transpose.int, at.call(aten.log.default, size), 1, 2), 1)
 
 
-def _cls_attention(build: _Builder, block: TransformerBlock, bias: Node | None) -> Node:
+def _cls_attention(at: Inserter, block: TransformerBlock, bias: Node | None) -> Node:
     """Attention the CLS query pays to every token, averaged over heads: (B, N)."""
     core = block.attention
     if core.kind == "softmax":
-        return build(aten.mean.dim, build(aten.select.int, core.node, -2, 0), [1])
+        return at.call(aten.mean.dim, at.call(aten.select.int, core.node, -2, 0), [1])
     scale = core.node.kwargs.get("scale") or 1 / math.sqrt(shape_of(core.query)[-1])
-    query = build(aten.slice.Tensor, core.query, 2, 0, 1)
-    logits = build(aten.mul.Tensor, build(aten.matmul.default, query, build(aten.transpose.int, core.key, -2, -1)),
-                   scale)
+    query = at.call(aten.slice.Tensor, core.query, 2, 0, 1)
+    logits = at.call(aten.mul.Tensor, at.call(aten.matmul.default, query, at.call(aten.transpose.int, core.key, -2, -1)),
+                     scale)
     if bias is not None:
-        logits = build(aten.add.Tensor, logits, bias)
-    return build(aten.mean.dim, build(aten.softmax.int, logits, -1), [1, 2])
+        logits = at.call(aten.add.Tensor, logits, bias)
+    return at.call(aten.mean.dim, at.call(aten.softmax.int, logits, -1), [1, 2])
 
 
-def _add_to_logits(graph: Graph, softmax: Node, bias: Node) -> None:
+def _add_to_logits(graph: Graph, build: Builder, softmax: Node, bias: Node) -> None:
     """softmax(l * c) -> softmax(bias + c * l) in one op (add's alpha); else softmax(l) -> softmax(l + bias)."""
     logits = softmax.args[0]
     scaled = (logits.op == "call_function" and logits.target in (aten.mul.Tensor, aten.div.Tensor)
               and len(logits.users) == 1 and isinstance(logits.args[1], (int, float)))
     if scaled:
         alpha = logits.args[1] if logits.target == aten.mul.Tensor else 1 / logits.args[1]
-        added = _Builder(graph, softmax)(aten.add.Tensor, bias, logits.args[0])
-        added.kwargs = {"alpha": alpha}
+        added = build.call_before(softmax, aten.add.Tensor, bias, logits.args[0], alpha=alpha)
     else:
-        added = _Builder(graph, softmax)(aten.add.Tensor, logits, bias)
+        added = build.call_before(softmax, aten.add.Tensor, logits, bias)
     softmax.args = (added,) + softmax.args[1:]
     if scaled:
         graph.fx.erase_node(logits)
 
 
-def _apply_bias(graph: Graph, block: TransformerBlock, bias: Node, pass_name: str) -> None:
+def _apply_bias(graph: Graph, build: Builder, block: TransformerBlock, bias: Node, pass_name: str) -> None:
     core = block.attention
     if core.kind == "softmax":  # the softmax input may have changed: a neutral mask add is gone
         if len(shape_of(core.node)) != 4:
             raise PreconditionError(f"prop_attn needs (B, heads, N, N) logits, got {list(shape_of(core.node))} "
                                     f"at {core.node.format_node()}; use prop_attn=false", pass_name)
-        _add_to_logits(graph, core.node, bias)
+        _add_to_logits(graph, build, core.node, bias)
     elif len(core.node.args) > 3 and core.node.args[3] is None:
         core.node.args = core.node.args[:3] + (bias,) + core.node.args[4:]
     elif core.node.kwargs.get("attn_mask") is None and len(core.node.args) <= 3:
@@ -133,6 +122,15 @@ def _apply_bias(graph: Graph, block: TransformerBlock, bias: Node, pass_name: st
     else:
         raise PreconditionError(f"prop_attn cannot combine log(size) with the attention mask of "
                                 f"{core.node.format_node()}; use prop_attn=false", pass_name)
+
+
+def _initial_size(build: Builder, first: TransformerBlock) -> Node:
+    """Sizes before the first merge: ones (B, N, 1), made outside the blocks from the stream entering the
+    first merging block.  Explicit rather than None so that every merging block reads the sizes it passes
+    on: removing or skipping a block then hands its input sizes to the next one."""
+    with build.after(first.stream_in) as at:
+        last = len(shape_of(first.stream_in)) - 1  # a non-negative dim: TVM's importer wants one
+        return at.call(aten.ones_like.default, at.call(aten.slice.Tensor, first.stream_in, last, 0, 1))
 
 
 def insert_token_reduction(graph: Graph, removed: list[int], pass_: MergeTokens, skip: list[int] = ()) -> dict:
@@ -145,29 +143,31 @@ def insert_token_reduction(graph: Graph, removed: list[int], pass_: MergeTokens,
     flow = trace_token_axes(graph, {b.attn_residual: b.index for b in merging}, pass_name=pass_.name,
                             select_ok=lambda index: pass_.protect_cls and index == 0)
     values = foreign_values(graph, flow)
-    counts, biases, size = {}, {}, None
+    build = Builder(graph, pass_.name)
+    biases, size, merged_before = {}, _initial_size(build, merging[0]) if merging else None, False
     for block in blocks:
-        if pass_.prop_attn and size is not None:
-            biases[block.index] = _logits_bias(_Builder(graph, block.attention.node), size)
+        if pass_.prop_attn and merged_before:
+            with build.before(block.attention.node) as at:
+                biases[block.index] = _logits_bias(at, size)
         if block not in merging:
             continue
-        build = _Builder(graph, block.attn_residual.next)
-        metric = (_cls_attention(build, block, biases.get(block.index)) if pass_.mode == "prune"
-                  else _keys_metric(build, block))
-        merged = build(MERGE_TOKENS, block.attn_residual, metric, size, removed[block.index], pass_.mode,
-                       pass_.protect_cls, pass_.spread, pass_.temperature)
-        tokens, size = build(operator.getitem, merged, 0), build(operator.getitem, merged, 1)
-        counts[block.index] = build(aten.sym_size.int, tokens, 1)
+        with build.before(block.attn_residual.next, like=block.attn_residual) as at:
+            metric = (_cls_attention(at, block, biases.get(block.index)) if pass_.mode == "prune"
+                      else _keys_metric(at, block))
+            merged = at.call(MERGE_TOKENS, block.attn_residual, metric, size, removed[block.index], pass_.mode,
+                             pass_.protect_cls, pass_.spread, pass_.temperature)
+            tokens, size = at.call(operator.getitem, merged, 0), at.call(operator.getitem, merged, 1)
         block.attn_residual.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not merged)
-    patched = apply_size_patches(graph, flow, counts)
-    resolved = resolve_foreign_inputs(graph, flow, counts, values, prefix_slice=False)
+        merged_before = True
+    patched = apply_size_patches(build, flow)
+    resolved = resolve_foreign_inputs(graph, build, flow, {}, values, prefix_slice=False)
     for index, bias in biases.items():
-        _apply_bias(graph, blocks[index], bias, pass_.name)
+        _apply_bias(graph, build, blocks[index], bias, pass_.name)
     return {"size_patches": patched, "foreign_inputs": resolved, "prop_attn_blocks": sorted(biases)}
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class MergeTokens(Pass):
     """x + attn(x) -> merge_tokens(x + attn(x)): r fewer tokens after each attention (ToMe/transform/prune)."""
 
@@ -185,9 +185,9 @@ class MergeTokens(Pass):
 
     def __post_init__(self):
         if self.r < 0:
-            raise ValueError(f"r must be >= 0, got {self.r}")
+            raise self.bad_option(f"r must be >= 0, got {self.r}")
         if self.spread < 1 or self.temperature <= 0:
-            raise ValueError("spread must be >= 1 and temperature > 0")
+            raise self.bad_option("spread must be >= 1 and temperature > 0")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         existing = sum(node.target == MERGE_TOKENS for node in graph.fx.nodes)

@@ -2,7 +2,7 @@
 
 After a pass inserts a token-reduction op, `apply_size_patches` rewrites the
 sizes `trace_token_axes` found (`reshape(x, [2, 50, 64])` ->
-`reshape(x, [2, sym_size(merged, 1), 64])`), so the graph is generic in the
+`reshape(x, [2, sym_size(x, 1), 64])`), so the graph is generic in the
 token count, whatever the example inputs were.
 
 Foreign inputs (tensors sized for the old count that do not come from the
@@ -26,24 +26,22 @@ import torch.utils._pytree as pytree
 from torch.fx import Node
 
 from fxpress.errors import PreconditionError
+from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
+from fxpress.ir.rewrite import erase_dead, reaches_input
 from fxpress.analysis.token_flow import ForeignInput, TokenFlow, shape_of
 
 aten = torch.ops.aten
 
 
-def count_value(graph: Graph, counts: dict[int, Node], segment: int, offset: int, before: Node) -> Any:
-    """The segment's token count (+ offset) as a value usable in `before`'s arguments."""
-    if offset == 0:
-        return counts[segment]
-    with graph.fx.inserting_before(before):
-        return graph.fx.call_function(operator.add, (counts[segment], offset))
+def apply_size_patches(build: Builder, flow: TokenFlow) -> int:
+    """Replace every recorded token-count literal by the size of the tracked tensor the node reads.
 
-
-def apply_size_patches(graph: Graph, flow: TokenFlow, counts: dict[int, Node]) -> int:
-    """Replace every recorded token-count literal by the segment's count; return how many."""
+    `reshape(x, [2, 50, 64])` becomes `reshape(x, [2, sym_size(x, 1), 64])`: the count is read where it
+    is used, so the rewritten graph holds no reference from one block to another's token count.
+    """
     for patch in flow.patches:
-        value = count_value(graph, counts, patch.segment, patch.offset, patch.node)
+        value = build.call_before(patch.node, aten.sym_size.int, patch.node.args[0], patch.source_axis)
         args = list(patch.node.args)
         if patch.item is None:
             args[patch.arg] = value
@@ -53,22 +51,6 @@ def apply_size_patches(graph: Graph, flow: TokenFlow, counts: dict[int, Node]) -
             args[patch.arg] = sizes
         patch.node.args = tuple(args)
     return len(flow.patches)
-
-
-def _reaches_input(node: Node, *, through_shapes: bool) -> bool:
-    """Whether `node` reads a placeholder (ignoring shape reads when `through_shapes` is False)."""
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
-        if current.op == "placeholder":
-            return True
-        if current.target == aten.sym_size.int and not through_shapes:
-            continue
-        stack.extend(current.all_input_nodes)
-    return False
 
 
 def foreign_values(graph: Graph, flow: TokenFlow) -> dict[Node, torch.Tensor]:
@@ -116,11 +98,11 @@ def _drop_neutral(graph: Graph, item: ForeignInput, flow: TokenFlow) -> str:
     return f"removed {user.name} ({user.target} by a neutral {item.tensor.name})"
 
 
-def _slice_prefix(graph: Graph, item: ForeignInput, counts: dict[int, Node]) -> str:
+def _slice_prefix(build: Builder, item: ForeignInput, counts: dict[int, Node]) -> str:
     value: Any = item.tensor
-    with graph.fx.inserting_before(item.user):
+    with build.before(item.user) as at:
         for axis in item.axes:
-            value = graph.fx.call_function(aten.slice.Tensor, (value, axis, 0, counts[item.segment]))
+            value = at.call(aten.slice.Tensor, value, axis, 0, counts[item.segment])
     if isinstance(item.arg, str):
         item.user.kwargs = {**item.user.kwargs, item.arg: value}
     else:
@@ -135,31 +117,17 @@ def _foreign_error(item: ForeignInput, flow: TokenFlow, why: str) -> Preconditio
         f"capture the model without it", flow.pass_name)
 
 
-def resolve_foreign_inputs(graph: Graph, flow: TokenFlow, counts: dict[int, Node],
+def resolve_foreign_inputs(graph: Graph, build: Builder, flow: TokenFlow, counts: dict[int, Node],
                            values: dict[Node, torch.Tensor], *, prefix_slice: bool) -> list[str]:
     """Slice, drop or reject every foreign input (see the module doc); describe what was done."""
     done = []
     for item in flow.foreign:
-        if prefix_slice and not _reaches_input(item.tensor, through_shapes=True):
-            done.append(_slice_prefix(graph, item, counts))
-        elif not _reaches_input(item.tensor, through_shapes=False) and \
+        if prefix_slice and not reaches_input(item.tensor, through_shapes=True):
+            done.append(_slice_prefix(build, item, counts))
+        elif not reaches_input(item.tensor, through_shapes=False) and \
                 _neutral_for(item.user, item.arg, values[item.tensor]):
             done.append(_drop_neutral(graph, item, flow))
         else:
             raise _foreign_error(item, flow, "it reads the input data or is not neutral, so it cannot be resized")
-    for tensor in {item.tensor for item in flow.foreign}:
-        erase_if_dead(graph, tensor)
+    erase_dead(graph, {item.tensor for item in flow.foreign})
     return done
-
-
-def erase_if_dead(graph: Graph, node: Node) -> None:
-    """Erase `node` and then its inputs while they are unused call_function nodes."""
-    stack, erased = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in erased or current.users or current.op != "call_function" or current.is_impure():
-            continue
-        inputs = current.all_input_nodes
-        graph.fx.erase_node(current)
-        erased.add(current)
-        stack.extend(inputs)

@@ -22,6 +22,7 @@ import torch
 from torch.fx import Node
 
 from fxpress.errors import PreconditionError
+from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
@@ -58,17 +59,18 @@ def keep_head(graph: Graph, sequence: Node, keep: int, pass_name: str = "tail-dr
     flow = trace_token_axes(graph, {sequence: 0}, pass_name=pass_name,
                             select_ok=lambda index: 0 <= index < keep)
     values = foreign_values(graph, flow)
-    with graph.fx.inserting_before(sequence.next):
-        head = graph.fx.call_function(TAIL_DROP, (sequence, keep))
-        count = graph.fx.call_function(aten.sym_size.int, (head, 1))
+    build = Builder(graph, pass_name)
+    with build.before(sequence.next, like=sequence) as at:
+        head = at.call(TAIL_DROP, sequence, keep)
+        count = at.call(aten.sym_size.int, head, 1)
     sequence.replace_all_uses_with(head, delete_user_cb=lambda user: user is not head)
-    patched = apply_size_patches(graph, flow, {0: count})
-    resolved = resolve_foreign_inputs(graph, flow, {0: count}, values, prefix_slice=True)
+    patched = apply_size_patches(build, flow)
+    resolved = resolve_foreign_inputs(graph, build, flow, {0: count}, values, prefix_slice=True)
     return {"size_patches": patched, "foreign_inputs": resolved}
 
 
 @register_pass
-@dataclass
+@dataclass(frozen=True)
 class TailDrop(Pass):
     """tokens -> tokens[:, :keep]: the decoder reads the first `keep` tokens of a 1D token sequence."""
 
@@ -80,7 +82,7 @@ class TailDrop(Pass):
 
     def __post_init__(self):
         if self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+            raise self.bad_option(f"keep must be >= 1, got {self.keep}")
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         sequence = find_token_sequence(graph, self.at, self.name)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import fxpress
+from fxpress.ir.builder import Builder
 from fxpress.errors import CalibrationError, NumericError, PassError, PipelineError, VerificationError
 from fxpress.passes import (DumpToDir, NumericCheck, Pass, PassContext, PassManager, PassResult,
                             VerifyAfterPass, format_pipeline, parse_pipeline, register_pass)
@@ -35,7 +36,7 @@ def graph():
     return fxpress.capture(TwoBlocks().eval(), (torch.randn(3, 8),))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Options(Pass):
     """x -> x (test pass with options)."""
 
@@ -48,13 +49,13 @@ class _Options(Pass):
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+            raise self.bad_option(f"ratio must be in [0, 1), got {self.ratio}")
 
     def __call__(self, graph, ctx):
         return PassResult(graph, modified=False)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Scale(Pass):
     """x -> 2 * output (a lossy test pass that rewrites the graph)."""
 
@@ -65,13 +66,12 @@ class _Scale(Pass):
         new = graph.copy()
         out = next(n for n in new.fx.nodes if n.op == "output")
         (value,) = out.args[0]
-        with new.fx.inserting_before(out):
-            doubled = new.fx.call_function(torch.ops.aten.mul.Tensor, (value, 2.0))
+        doubled = Builder(new, self.name).call_before(out, torch.ops.aten.mul.Tensor, value, 2.0, like=value)
         out.args = ((doubled,),)
         return PassResult(new.recompile(), modified=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Mutator(Pass):
     """x -> x, but edits its input in place (forbidden)."""
 
@@ -83,7 +83,7 @@ class _Mutator(Pass):
         return PassResult(graph, modified=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Crash(Pass):
     """x -> crash."""
 
