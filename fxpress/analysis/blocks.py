@@ -24,7 +24,6 @@ applies to its copies.
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -35,8 +34,6 @@ from torch.fx import Node
 
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
-
-log = logging.getLogger(__name__)
 
 _NOT_OPS = ("placeholder", "get_attr", "output")
 _UNUSED = object()  # stands for a value a resumed run never reads
@@ -131,17 +128,17 @@ def _pair_input(graph: Graph, output: Node, inputs: list[Node]) -> Node | None:
 
 
 def _build_block(graph: Graph, position: int, label: int, path: str, region: list[Node],
-                 shared: set[Node]) -> Block | None:
+                 shared: set[Node], reasons: list[str]) -> Block | None:
     members = set(region)
     outputs = [n for n in region if any(u not in members for u in n.users)]
     if not outputs or any(graph.info(n).shape is None for n in outputs):
-        log.debug("%s: no tensor leaves the block", path)
+        reasons.append(f"{path}: no tensor leaves the block")
         return None
     hidden_out = max(outputs, key=lambda n: _numel(graph, n))
     inputs = [a for a in _outside_inputs(region) if a not in shared]
     hidden_in = _pair_input(graph, hidden_out, inputs)
     if hidden_in is None:
-        log.debug("%s: no hidden input with the output's shape", path)
+        reasons.append(f"{path}: no input outside the block matches its output {graph.info(hidden_out).shape}")
         return None
     rest = [a for a in inputs if a is not hidden_in]
     carried = []
@@ -155,17 +152,18 @@ def _build_block(graph: Graph, position: int, label: int, path: str, region: lis
                  tuple(params), tuple(carried))
 
 
-def _build_stack(graph: Graph, prefix: str, regions: dict[int, tuple[str, list[Node]]]) -> BlockStack | None:
+def _build_stack(graph: Graph, prefix: str, regions: dict[int, tuple[str, list[Node]]],
+                 reasons: list[str]) -> BlockStack | None:
     inputs = [set(_outside_inputs(nodes)) for _, nodes in regions.values()]
     shared = set.intersection(*inputs)
     blocks = []
     for position, (label, (path, nodes)) in enumerate(regions.items()):
-        block = _build_block(graph, position, label, path, nodes, shared)
+        block = _build_block(graph, position, label, path, nodes, shared, reasons)
         if block is None:
             return None
         blocks.append(block)
     if any(b.input != a.output for a, b in zip(blocks, blocks[1:])):
-        log.debug("%s: blocks do not chain (block k+1 must read block k's output)", prefix)
+        reasons.append(f"{prefix}: blocks do not chain (block k+1 must read block k's output)")
         return None
     order = {n.name: i for i, n in enumerate(graph.fx.nodes)}
     side = tuple(sorted((n.name for n in shared), key=order.__getitem__))
@@ -173,11 +171,22 @@ def _build_stack(graph: Graph, prefix: str, regions: dict[int, tuple[str, list[N
     return BlockStack(prefix, tuple(blocks), side, macs)
 
 
-def find_block_stacks(graph: Graph) -> list[BlockStack]:
-    """Every stack of >= 2 chained residual blocks, most MACs first."""
+def find_block_stacks(graph: Graph, reasons: list[str] | None = None) -> list[BlockStack]:
+    """Every stack of >= 2 chained residual blocks, most MACs first; why candidates failed goes to `reasons`."""
+    reasons = [] if reasons is None else reasons
     stacks = [s for prefix, regions in _regions(graph).items()
-              if (s := _build_stack(graph, prefix, regions)) is not None]
+              if (s := _build_stack(graph, prefix, regions, reasons)) is not None]
     return sorted(stacks, key=lambda s: (-s.macs, s.prefix))
+
+
+def no_blocks_reason(graph: Graph) -> str:
+    """Why `graph` has no stack of repeated residual blocks, in one line (for a pass's stats)."""
+    reasons: list[str] = []
+    find_block_stacks(graph, reasons)
+    if not _regions(graph):
+        return ("no repeated residual blocks: no module path has >= 2 numbered children with ops "
+                "(capture with torch.export so nodes keep their module paths)")
+    return "no repeated residual blocks: " + "; ".join(reasons)
 
 
 def find_blocks(graph: Graph) -> BlockStack | None:

@@ -140,6 +140,7 @@ class Graph:
         self.name = name
         self.source = source
         self.dynamic_shapes = dynamic_shapes
+        self.version = 0  # bumped by annotate(): cached analyses of an older version are stale
 
     # -- structure -----------------------------------------------------------------
     @property
@@ -234,6 +235,7 @@ class Graph:
 
     def annotate(self) -> Graph:
         """Run once on the example inputs and (re)write every node's NodeInfo."""
+        self.version += 1
         recorder = _Recorder(self.module)
         with torch.no_grad():
             recorder.run(*self._flat_inputs(self.example_inputs))

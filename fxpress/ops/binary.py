@@ -39,6 +39,7 @@ from torch import Tensor
 
 from fxpress.ir.opinfo import OpInfo, define_op
 from fxpress.ops.aten import conv_macs, linear_macs
+from fxpress.ops.flow_rules import linear_flow
 
 PLAN_HEADER = 2  # plan[0] = C_out, plan[1] = K
 
@@ -268,7 +269,7 @@ def _mst_macs(node: object, arg_shapes: list, out: tuple) -> int:
 
 # Binary MACs count like float ones (one per weight and output position); the MST forms count what
 # the plan computes.
-define_op(OpInfo(ops.binary_linear.default, "binary", linear_macs))
+define_op(OpInfo(ops.binary_linear.default, "binary", linear_macs, linear_flow))
 define_op(OpInfo(ops.binary_conv2d.default, "binary", conv_macs))
-define_op(OpInfo(ops.binary_linear_mst.default, "binary", _mst_macs))
+define_op(OpInfo(ops.binary_linear_mst.default, "binary", _mst_macs, linear_flow))
 define_op(OpInfo(ops.binary_conv2d_mst.default, "binary", _mst_macs))

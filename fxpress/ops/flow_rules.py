@@ -48,7 +48,8 @@ def _same(ctx: FlowContext) -> Axes:
     return dict(ctx.axes(ctx.node.args[0]))
 
 
-def _linear(ctx: FlowContext) -> Axes:
+def linear_flow(ctx: FlowContext) -> Axes:
+    """A linear layer (dense or binary): tokens ride on every axis but the contracted last one."""
     axes = _same(ctx)
     if len(shape_of(ctx.node)) - 1 in axes:
         raise ctx.fail("the token axis is the contracted (last) axis of a linear layer")
@@ -257,7 +258,7 @@ _BROADCAST_OPS = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Te
 
 FLOW_RULES: dict[object, Any] = {
     **{op: _same for op in _SAME_OPS}, **{op: _broadcast for op in _BROADCAST_OPS},
-    aten.linear.default: _linear, aten.transpose.int: _transpose, aten.permute.default: _permute,
+    aten.linear.default: linear_flow, aten.transpose.int: _transpose, aten.permute.default: _permute,
     aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
     aten.squeeze.default: _squeeze, aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce,
     aten.amax.default: _reduce, aten.select.int: _select, aten.slice.Tensor: _slice,
@@ -286,7 +287,7 @@ def default_rule(ctx: FlowContext) -> Axes:
     literals = _int_literals(list(ctx.node.args) + list(ctx.node.kwargs.values()))
     if shape_of(ctx.node) != shape_of(first) or any(v == ctx.size(off) for v in literals
                                                     for off in ctx.axes(first).values()):
-        raise ctx.fail(f"op {ctx.node.target} has no token-axis rule; add one to AXIS_RULES "
+        raise ctx.fail(f"op {ctx.node.target} has no token-axis rule; add a flow rule to FLOW_RULES "
                                       "in fxpress/ops/flow_rules.py")
     return dict(ctx.axes(first))
 

@@ -237,9 +237,14 @@ class Binarize(Pass):
     keep_first_last: bool = True  # with no `layers`, keep the first and last layer float
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
-        chosen = select_layers(find_layers(graph), self.layers, self.keep_first_last, self.name)
+        found = find_layers(graph)
+        chosen = select_layers(found, self.layers, self.keep_first_last, self.name)
         if not chosen:
-            return PassResult(graph, modified=False, stats={"recognized": [], "binarized": []})
+            states = {state: sum(f.state == state for f in found) for state in ("float", "binary", "op")}
+            reason = (f"no float linear/conv2d layer left to binarize ({states['op']} already binary ops, "
+                      f"{states['float']} float layers kept by keep_first_last)" if found else
+                      "no linear or conv2d layer with constant weights")
+            return PassResult(graph, modified=False, stats={"recognized": [], "binarized": [], "reason": reason})
         new = graph.copy()
         before = new.num_nodes
         for layer in chosen:

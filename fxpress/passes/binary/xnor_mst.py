@@ -265,7 +265,8 @@ class XnorMst(Pass):
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         targets = self._targets(graph)
         if not targets:
-            return PassResult(graph, modified=False, stats=summarize([]))
+            return PassResult(graph, modified=False, stats={
+                **summarize([]), "reason": "no binary_linear/binary_conv2d op to plan; run binarize first"})
         new = graph.copy()
         nodes = {node.name: node for node in new.fx.nodes}
         planned = [rewrite_op(new, nodes[name], path, self.depth_bound) for name, path in targets]

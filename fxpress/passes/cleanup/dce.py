@@ -24,7 +24,8 @@ class DeadCodeElimination(Pass):
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not _has_dead_nodes(graph) and not graph.unused_attributes():
-            return PassResult(graph, modified=False, stats={"removed_nodes": 0, "removed_attributes": 0})
+            return PassResult(graph, modified=False, stats={"removed_nodes": 0, "removed_attributes": 0,
+                                                                "reason": "no dead node and no unread tensor"})
         new = graph.copy()
         before = new.num_nodes
         new.fx.eliminate_dead_code()

@@ -69,7 +69,8 @@ class FoldConstants(Pass):
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         plan = plan_folding(graph, self.max_growth, self.fold_params)
         if not plan.folds and not plan.asserts:
-            return PassResult(graph, modified=False, stats=_stats(plan, [], 0, []))
+            return PassResult(graph, modified=False, stats={
+                **_stats(plan, [], 0, []), "reason": "no subgraph computed from constants alone worth folding"})
         new = graph.copy()
         before = new.num_nodes
         paths = _apply(plan, new, self.name)

@@ -84,7 +84,9 @@ class FuseBatchNorm(Pass):
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         if not find_fusions(graph):
-            return PassResult(graph, modified=False, stats={"fused_pairs": [], "removed_nodes": 0})
+            return PassResult(graph, modified=False, stats={
+                "fused_pairs": [], "removed_nodes": 0,
+                "reason": "no inference batch norm reading a conv or linear output alone"})
         new = graph.copy()
         before = new.num_nodes
         matches = find_fusions(new)

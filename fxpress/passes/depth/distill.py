@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, find_blocks
+from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, find_blocks, no_blocks_reason
+from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 from fxpress.passes.depth.remove_layers import looks_like_lm
@@ -121,15 +122,19 @@ class Distill(Pass):
         if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1:
             raise self.bad_option(f"steps and tail must be >= 0, lr > 0, max_batches >= 1")
 
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        ctx.require_teacher(self.name)
+        ctx.require_calibration(self.name)
+        if self.tail and self.steps and ctx.analyses.get(graph, MainBlockStack) is None:
+            raise PreconditionError(f"tail={self.tail} needs residual blocks and {graph.name} has none "
+                                    f"({no_blocks_reason(graph)}); use tail=0 for logit distillation", self.name)
+
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         teacher = ctx.require_teacher(self.name)
         batches = ctx.require_calibration(self.name)[: self.max_batches]
         if self.steps == 0:
-            return PassResult(graph, modified=False, stats={"steps": 0})
-        stack = find_blocks(graph)
-        if self.tail and stack is None:
-            raise PreconditionError(f"tail={self.tail} needs residual blocks, and {graph.name} has none; "
-                                    "use tail=0 for logit distillation", self.name)
+            return PassResult(graph, modified=False, stats={"steps": 0, "reason": "steps=0: nothing to train"})
+        stack = ctx.analyses.get(graph, MainBlockStack)
         student = graph.copy()
         params = clone_for_training(student, trainable_paths(student, stack))
         targets = [teacher_targets(teacher, b, stack.prefix if stack else "", self.tail) for b in batches]

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.analysis.blocks import comparable, BlockRunner, BlockStack, find_blocks, remove_blocks
+from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, no_blocks_reason, remove_blocks
+from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -210,13 +211,14 @@ class RemoveLayers(Pass):
         return min(int(round(ratio * blocks)), blocks - 1)
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
-        stack = find_blocks(graph)
+        stack = ctx.analyses.get(graph, MainBlockStack)
         if stack is None:
             return PassResult(graph, modified=False, stats={"blocks": 0, "removed": [],
-                                                            "reason": "no repeated residual blocks"})
+                                                            "reason": no_blocks_reason(graph)})
         count = self.removal_count(len(stack))
         if count == 0:
-            return PassResult(graph, modified=False, stats={"blocks": len(stack), "removed": []})
+            return PassResult(graph, modified=False, stats={"blocks": len(stack), "removed": [],
+                                                            "reason": "ratio/count gives 0 blocks to remove"})
         scores = block_scores(graph, stack, self.metric, ctx, count=count, max_batches=self.max_batches,
                               gate_steps=self.gate_steps)
         positions = choose_removals(scores, count, self.keep_first, self.keep_last)

@@ -26,7 +26,9 @@ from torch.fx import Node
 
 from fxpress.errors import PipelineError, PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.analysis.blocks import Block, BlockStack, find_blocks
+from fxpress.ops.binary import MST_OPS
+from fxpress.analysis.blocks import Block, BlockStack, no_blocks_reason
+from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -110,7 +112,9 @@ def share_group(graph: Graph, stack: BlockStack, members: list[Block], policy: s
     for relative in owner_attrs:
         shapes = {tuple(graph.attribute(str(a.target)).shape) for attrs in member_attrs for a in attrs[relative]}
         if len(shapes) != 1:
-            raise PreconditionError(f"{relative} has different shapes across {members[0].path}..", ShareWeights.name)
+            raise PreconditionError(f"{relative} has shapes {sorted(shapes)} across the group starting at "
+                                    f"{members[0].path}, so one tensor cannot serve them all (did a width pass "
+                                    "prune blocks differently?)", ShareWeights.name)
         sources = [str(attrs[relative][0].target) for attrs in member_attrs]
         target = _group_tensor(graph, members[0], sources, relative, policy)
         for attrs in member_attrs:
@@ -135,13 +139,21 @@ class ShareWeights(Pass):
         if self.group < 1:
             raise self.bad_option(f"group must be >= 1, got {self.group}")
 
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
+        planned = [n for n in graph.fx.nodes if n.target in MST_OPS]
+        if planned:
+            raise PreconditionError(f"{planned[0].format_node()} holds an xnor-mst reuse plan computed from its "
+                                    "own weights, so blocks cannot share them; run share-weights before xnor-mst",
+                                    self.name)
+
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
-        stack = find_blocks(graph)
+        stack = ctx.analyses.get(graph, MainBlockStack)
         groups = [] if stack is None else [list(stack.blocks[i:i + self.group])
                                            for i in range(0, len(stack), self.group)]
         groups = [g for g in groups if len(g) > 1 and not already_shared(graph, stack, g)]
         if not groups:
-            reason = "no repeated residual blocks" if stack is None else "no group left to share"
+            reason = no_blocks_reason(graph) if stack is None else \
+                f"every group of {self.group} blocks already reads one set of weights"
             return PassResult(graph, modified=False, stats={"groups": [], "reason": reason})
         new = graph.copy()
         before_unique, before_executed = graph.num_params, executed_params(graph)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 
+from fxpress.analysis.manager import AnalysisCache
 from fxpress.errors import OptionError, PreconditionError
 from fxpress.ir.graph import Graph
 from fxpress.passes.infra.registry import format_pass
@@ -39,6 +40,7 @@ class PassResult:
     graph: Graph
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    preserved: tuple = ()  # analyses (fxpress.analysis.manager) still valid on the new graph
 
 
 class Progress(Protocol):
@@ -63,6 +65,7 @@ class PassContext:
     seed: int = 0
     device: str = "cpu"
     progress: Progress = field(default_factory=NullProgress)
+    analyses: AnalysisCache = field(default_factory=AnalysisCache)  # shared, cached analyses
 
     def batches(self, graph: Graph) -> list[tuple]:
         """Calibration batches, or the graph's example inputs when none were given."""

@@ -105,9 +105,14 @@ class PassManager:
         elapsed = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(f"returned {type(result).__name__}, not PassResult", pass_.name, ran_before)
+        if not result.modified and not result.stats.get("reason"):
+            raise PassError("returned modified=False without saying why; put a 'reason' in its stats",
+                            pass_.name, ran_before)
         if _fingerprint(graph) != fingerprint:
             raise PassError("changed the graph it was given; passes must copy before rewriting "
                             "(graph.copy())", pass_.name, ran_before)
+        if result.preserved and result.graph is not graph:
+            ctx.analyses.preserve(graph, result.graph, tuple(result.preserved))
         report = PassReport(text, result.modified, elapsed, before_figures, result.graph.figures(),
                             dict(result.stats), ran_before=ran_before)
         for instrument in self.instruments:

@@ -37,6 +37,7 @@ from fxpress.passes.infra.registry import register_pass
 from fxpress.analysis.token_flow import reads_only_first_token, shape_of, trace_token_axes
 from fxpress.ops.tokens import MERGE_TOKENS, max_merge, r_schedule
 from fxpress.passes.tokens.resize import apply_size_patches, foreign_values, resolve_foreign_inputs
+from fxpress.analysis.manager import TransformerBlocks
 from fxpress.analysis.attention import TransformerBlock, find_transformer_blocks, token_count
 
 aten = torch.ops.aten
@@ -189,13 +190,15 @@ class MergeTokens(Pass):
         if self.spread < 1 or self.temperature <= 0:
             raise self.bad_option("spread must be >= 1 and temperature > 0")
 
-    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+    def requires(self, graph: Graph, ctx: PassContext) -> None:
         existing = sum(node.target == MERGE_TOKENS for node in graph.fx.nodes)
         if existing:
             raise PreconditionError(f"the graph already has {existing} merge_tokens ops and their token sizes "
                                     "cannot be threaded through a second merge; run merge-tokens once, with "
                                     "the total r", self.name)
-        blocks = find_transformer_blocks(graph)
+
+    def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        blocks = ctx.analyses.get(graph, TransformerBlocks)
         if not blocks:
             return PassResult(graph, modified=False, stats={"blocks": 0, "reason": NO_BLOCKS})
         wanted = r_schedule(self.r, len(blocks), self.schedule)

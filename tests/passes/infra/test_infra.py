@@ -52,7 +52,7 @@ class _Options(Pass):
             raise self.bad_option(f"ratio must be in [0, 1), got {self.ratio}")
 
     def __call__(self, graph, ctx):
-        return PassResult(graph, modified=False)
+        return PassResult(graph, modified=False, stats={"reason": "a test pass that never rewrites"})
 
 
 @dataclass(frozen=True)

@@ -369,8 +369,9 @@ def test_modes_and_schedules_through_the_manager(vit, mode):
     assert str(manager) == (f"merge-tokens{{r=6,mode={mode},schedule=decreasing,protect_cls=true,prop_attn=true,"
                             "spread=2,temperature=0.1,keep_identity=false}")
     assert str(parse_pipeline(str(manager))[0]) == str(manager.passes[0])
-    with pytest.raises(PreconditionError, match="already has 3 merge_tokens"):
-        MergeTokens(r=2)(result.graph, PassContext())
+    with pytest.raises(PreconditionError, match="already has 3 merge_tokens") as failed:
+        PassManager("merge-tokens{r=2}").run(result.graph, PassContext())
+    assert failed.value.pass_name == "merge-tokens" and failed.value.ran_before == ()
 
 
 def test_bad_options_and_unprotected_cls_readout(vit):

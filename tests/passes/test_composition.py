@@ -1,0 +1,112 @@
+"""Passes compose: after any structural pass, every other one does its work (or says precisely why not).
+
+Each ordered pair runs through the manager with verification after every pass (FX lint, metadata,
+provenance of every inserted node, export metadata consistent with NodeInfo), and the second pass's
+report must show that it changed the graph, with the stats that say what it did.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import fxpress
+from fxpress.errors import PreconditionError
+from fxpress.ir.builder import origin
+from fxpress.passes import PassContext, PassManager, VerifyAfterPass
+from model_factories import tiny_llama, token_batches
+
+torch.set_num_threads(1)
+
+# What each pass's stats show when it did its work.
+DID_WORK = {
+    "merge-tokens{r=4}": lambda s: s["tokens_out"] < 50 and s["macs_after"] < s["macs_before"],
+    "remove-layers{count=1}": lambda s: len(s["removed"]) == 1,
+    "share-weights{group=2}": lambda s: s["unique_params"] < s["unique_params_before"],
+    "binarize": lambda s: len(s["binarized"]) > 0,
+    "binarize,xnor-mst": lambda s: s["mst_bitops_per_sample"] < s["dense_bitops_per_sample"],
+    "distill{steps=2,lr=1e-3}": lambda s: s["steps"] == 2 and s["trained_params"] > 0,
+}
+VIT_PASSES = ["merge-tokens{r=4}", "remove-layers{count=1}", "share-weights{group=2}", "binarize",
+              "binarize,xnor-mst"]
+LLAMA_PASSES = ["remove-layers{count=1}", "share-weights{group=2}", "distill{steps=2,lr=1e-3}"]
+
+
+@pytest.fixture(scope="module")
+def vit(zoo_model):
+    model = zoo_model("vit-mnist")
+    return model.module, fxpress.capture(model.module, model.example_inputs), model.example_inputs
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama(layers=4)
+    batches = token_batches(2)
+    return model, fxpress.capture(model, batches[0]), batches
+
+
+def run_pair(first: str, second: str, teacher, graph, batches):
+    ctx = PassContext(teacher=teacher, calibration=list(batches))
+    return PassManager(f"{first},{second}", [VerifyAfterPass()]).run(graph, ctx)
+
+
+def check_second_did_work(result, second: str) -> None:
+    last = result.reports[-1]
+    assert last.modified, (second, last.stats.get("reason"))
+    assert DID_WORK[second](last.stats), (second, last.stats)
+    for node in result.graph.fx.nodes:
+        if node.op == "call_function":
+            assert origin(node) is not None, node.format_node()
+
+
+# Orders that cannot work say so precisely, before doing anything.
+REFUSED = {("binarize,xnor-mst", "share-weights{group=2}"): "run share-weights before xnor-mst"}
+
+
+@pytest.mark.parametrize("first,second", [p for p in itertools.permutations(VIT_PASSES, 2)
+                                          if not (p[0].startswith("binarize") and p[1].startswith("binarize"))
+                                          and p not in REFUSED])
+def test_every_ordered_pair_on_vit_mnist(vit, first, second):
+    module, graph, inputs = vit
+    result = run_pair(first, second, module, graph, [inputs])
+    assert all(report.modified for report in result.reports)
+    check_second_did_work(result, second)
+
+
+@pytest.mark.parametrize("first,second", list(itertools.permutations(LLAMA_PASSES, 2)))
+def test_every_ordered_pair_of_depth_passes_on_tiny_llama(llama, first, second):
+    model, graph, batches = llama
+    result = run_pair(first, second, model, graph, batches)
+    check_second_did_work(result, second)
+
+
+@pytest.mark.parametrize("first,second", list(REFUSED))
+def test_orders_that_cannot_work_say_why(vit, first, second):
+    module, graph, inputs = vit
+    with pytest.raises(PreconditionError, match=REFUSED[first, second]):
+        run_pair(first, second, module, graph, [inputs])
+
+
+def test_distill_after_merge_trains_through_the_merge(vit):
+    module, graph, inputs = vit
+    result = run_pair("merge-tokens{r=4}", "distill{steps=4,lr=1e-4}", module, graph, [inputs])
+    stats = result.reports[-1].stats
+    assert stats["loss_last"] < 0.6 * stats["loss_first"]  # measured: 0.0047 -> 0.0020
+
+
+def test_a_pass_with_nothing_left_to_do_says_why(vit):
+    module, graph, inputs = vit
+    result = PassManager("binarize,binarize").run(graph, PassContext())
+    assert not result.reports[1].modified and "no float linear/conv2d layer left" in result.reports[1].stats["reason"]
+
+
+def test_a_precondition_failure_names_the_passes_before_it(vit):
+    module, graph, inputs = vit
+    with pytest.raises(PreconditionError) as failed:
+        PassManager("merge-tokens{r=4},remove-layers{count=1},merge-tokens{r=2}").run(graph, PassContext())
+    error = failed.value
+    assert error.pass_name == "merge-tokens" and len(error.ran_before) == 2
+    assert "already has" in str(error) and "passes run before it: merge-tokens{r=4," in str(error)
+    with pytest.raises(PreconditionError, match=r"needs a teacher.*passes run before it: remove-layers"):
+        PassManager("remove-layers{count=1},distill").run(graph, PassContext(calibration=[inputs]))
