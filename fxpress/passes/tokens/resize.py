@@ -22,9 +22,9 @@ import operator
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch.fx import Node
 
+from fxpress.analysis.recorder import record_values
 from fxpress.errors import PreconditionError
 from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
@@ -58,11 +58,8 @@ def foreign_values(graph: Graph, flow: TokenFlow) -> dict[Node, torch.Tensor]:
     wanted = {f.tensor for f in flow.foreign}
     if not wanted:
         return {}
-    interpreter = torch.fx.Interpreter(graph.module, garbage_collect_values=False)
-    flat, _ = pytree.tree_flatten(list(graph.example_inputs))
-    with torch.no_grad():
-        interpreter.run(*flat)
-    return {node: interpreter.env[node] for node in wanted}
+    values = record_values(graph, graph.example_inputs, [node.name for node in wanted])
+    return {node: values[node.name] for node in wanted}
 
 
 def _tracked_operand(user: Node, flow: TokenFlow) -> Node | None:
