@@ -25,15 +25,17 @@ applies to its copies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 from torch.fx import Node
 
+from fxpress.analysis.attention import find_attention_cores, find_transformer_blocks
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
+from fxpress.ir.rewrite import ancestors
 
 _NOT_OPS = ("placeholder", "get_attr", "output")
 _UNUSED = object()  # stands for a value a resumed run never reads
@@ -51,6 +53,7 @@ class Block:
     output: str
     params: tuple[str, ...]  # attribute paths the region reads
     carried: tuple[tuple[str | None, str], ...] = ()  # (input, output) of state besides the hidden stream
+    attention: str | None = None  # the block's attention core (softmax or SDPA node), when it has one
 
 
 @dataclass(frozen=True)
@@ -171,12 +174,38 @@ def _build_stack(graph: Graph, prefix: str, regions: dict[int, tuple[str, list[N
     return BlockStack(prefix, tuple(blocks), side, macs)
 
 
+def _attention_regions(graph: Graph) -> dict[int, tuple[str, list[Node]]]:
+    """Blocks found by the attention pattern: each block's ops between the stream entering it and its output."""
+    regions = {}
+    for block in find_transformer_blocks(graph):
+        inside = ancestors(block.output) | {block.output}
+        upstream = ancestors(block.stream_in) | {block.stream_in}
+        nodes = [n for n in graph.fx.nodes if n in inside and n not in upstream and n.op not in _NOT_OPS]
+        regions[block.index] = (block.path or f"<attention {block.index}>", nodes)
+    return regions
+
+
+def _annotate_attention(graph: Graph, stack: BlockStack) -> BlockStack:
+    """Name each block's attention core (the pattern's finding, recorded on the module-path block)."""
+    cores = {core.node.name for core in find_attention_cores(graph)}
+    blocks = tuple(replace(b, attention=next((n for n in b.nodes if n in cores), None)) for b in stack.blocks)
+    return replace(stack, blocks=blocks)
+
+
 def find_block_stacks(graph: Graph, reasons: list[str] | None = None) -> list[BlockStack]:
-    """Every stack of >= 2 chained residual blocks, most MACs first; why candidates failed goes to `reasons`."""
+    """Every stack of >= 2 chained residual blocks, most MACs first; why candidates failed goes to `reasons`.
+
+    Module paths first; where they give no stack (a graph whose nodes lost their module paths, blocks
+    not held in a numbered container), the attention pattern's blocks, if they chain.
+    """
     reasons = [] if reasons is None else reasons
     stacks = [s for prefix, regions in _regions(graph).items()
               if (s := _build_stack(graph, prefix, regions, reasons)) is not None]
-    return sorted(stacks, key=lambda s: (-s.macs, s.prefix))
+    if not stacks:
+        regions = _attention_regions(graph)
+        found = _build_stack(graph, "<attention pattern>", regions, reasons) if len(regions) >= 2 else None
+        stacks = [found] if found is not None else []
+    return sorted((_annotate_attention(graph, s) for s in stacks), key=lambda s: (-s.macs, s.prefix))
 
 
 def no_blocks_reason(graph: Graph) -> str:

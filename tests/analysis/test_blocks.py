@@ -104,3 +104,25 @@ def test_finds_vit_blocks(zoo_model):
     graph = fxpress.capture(vit.module, vit.example_inputs)
     stack = find_blocks(graph)
     assert stack.paths == [f"blocks.{i}" for i in range(4)] and stack.side_inputs == ()
+
+
+def test_attention_pattern_is_the_fallback_and_the_annotation(zoo_model):
+    """Module paths first, each block naming its attention core; without module paths, the attention
+    pattern's blocks, which remove the same computation."""
+    model = zoo_model("vit-mnist")
+    graph = fxpress.capture(model.module, model.example_inputs)
+    (stack,) = find_block_stacks(graph)
+    assert stack.prefix == "blocks" and [b.attention for b in stack.blocks] == [
+        "softmax", "softmax_1", "softmax_2", "softmax_3"]
+    pathless = graph.copy()
+    for node in pathless.fx.nodes:
+        node.meta.pop("nn_module_stack", None)
+    pathless.annotate()
+    (fallback,) = find_block_stacks(pathless)
+    assert fallback.prefix == "<attention pattern>" and len(fallback) == 4
+    assert [b.input for b in fallback.blocks] == [b.input for b in stack.blocks]
+    by_path, by_pattern = graph.copy(), pathless.copy()
+    remove_blocks(by_path, stack, [2])
+    remove_blocks(by_pattern, fallback, [2])
+    inputs = model.example_inputs
+    assert torch.equal(by_path.recompile()(*inputs), by_pattern.recompile()(*inputs))
