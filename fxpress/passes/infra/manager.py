@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from fxpress.errors import CalibrationError, FxpressError, PassError
+from fxpress.ir.builder import origin
 from fxpress.ir.graph import Graph
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.instruments import Instrument
@@ -105,6 +106,8 @@ class PassManager:
         elapsed = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise PassError(f"returned {type(result).__name__}, not PassResult", pass_.name, ran_before)
+        if result.modified:
+            _check_provenance(result.graph, pass_.name, ran_before)
         if not result.modified and not result.stats.get("reason"):
             raise PassError("returned modified=False without saying why; put a 'reason' in its stats",
                             pass_.name, ran_before)
@@ -119,6 +122,14 @@ class PassManager:
             instrument.after_pass(pass_, graph, result, ctx, report)
         log.debug("ran %s in %.3f s (modified=%s)", text, elapsed, result.modified)
         return result.graph, report
+
+
+def _check_provenance(graph: Graph, pass_name: str, ran_before: tuple[str, ...]) -> None:
+    """Every op node of a pass's output says where it came from (cheap; full checks: VerifyAfterPass)."""
+    for node in graph.fx.nodes:
+        if node.op == "call_function" and origin(node) is None:
+            raise PassError(f"created {node.format_node()} without provenance; create nodes through "
+                            "fxpress.ir.builder.Builder", pass_name, ran_before)
 
 
 def check_inputs(graph: Graph, batch: Any) -> None:

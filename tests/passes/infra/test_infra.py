@@ -211,3 +211,27 @@ def test_context_requirements():
     with pytest.raises(PassError, match="needs a teacher"):
         ctx.require_teacher("x")
     assert torch.equal(torch.rand(3, generator=ctx.generator()), torch.rand(3, generator=ctx.generator()))
+
+
+@dataclass(frozen=True)
+class _Anonymous(Pass):
+    """x -> 3 * output, built without the Builder (forbidden: the node has no provenance)."""
+
+    name: ClassVar[str] = "test-anonymous"
+
+    def __call__(self, graph, ctx):
+        new = graph.copy()
+        out = next(n for n in new.fx.nodes if n.op == "output")
+        (value,) = out.args[0]
+        with new.fx.inserting_before(out):
+            tripled = new.fx.call_function(torch.ops.aten.mul.Tensor, (value, 3.0))
+        out.args = ((tripled,),)
+        return PassResult(new.recompile(), modified=True)
+
+
+register_pass(_Anonymous)
+
+
+def test_the_manager_rejects_nodes_without_provenance(graph):
+    with pytest.raises(PassError, match="without provenance.*passes run before it: dce"):
+        PassManager("dce,test-anonymous").run(graph, PassContext())
