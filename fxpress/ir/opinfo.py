@@ -15,11 +15,15 @@ or a Python callable from symbolic_trace):
   together (see `fxpress.analysis.dimension_flow`); None means "no rule".
 
 The registry is the mechanism; the facts themselves are defined once, beside
-each op, in `fxpress.ops` (the dialect), which the `fxpress` package loads
-when it is imported.  `define_op` refuses a second, different definition.
+each op, in `fxpress.ops` (the dialect).  The IR sits below the dialect and
+never imports it: it knows the dialect packages by name (`DIALECTS`) and
+loads them on the first lookup, as a plugin registry does, so a graph is
+never annotated before every op and its facts exist, and `import fxpress`
+stays cheap.  `define_op` refuses a second, different definition.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -46,6 +50,16 @@ class OpInfo:
 
 
 _REGISTRY: dict[object, OpInfo] = {}
+DIALECTS = ("fxpress.ops",)  # packages whose import defines ops (named, not imported: they sit above the IR)
+_LOADED: list[str] = []
+
+
+def load_dialects() -> None:
+    """Import the dialect packages once (each defines its ops with `define_op` when imported)."""
+    for package in DIALECTS:
+        if package not in _LOADED:
+            _LOADED.append(package)  # first, so a lookup during the import does not import again
+            importlib.import_module(package)
 
 
 def op_name(target: object) -> str:
@@ -74,6 +88,7 @@ def define_ops(targets: Sequence[object], **facts: Any) -> None:
 
 def op_info(target: object) -> OpInfo | None:
     """The facts of an op, or None for an op fxpress has no facts about."""
+    load_dialects()
     try:
         return _REGISTRY.get(target)
     except TypeError:  # unhashable targets (never for real FX nodes)
@@ -82,6 +97,7 @@ def op_info(target: object) -> OpInfo | None:
 
 def ops_in(*categories: str) -> tuple[object, ...]:
     """Every defined op of the given categories."""
+    load_dialects()
     return tuple(t for t, info in _REGISTRY.items() if info.category in categories)
 
 
@@ -95,4 +111,5 @@ def node_macs(node: Any, arg_shapes: list, out_shape: Shape | None) -> int:
 
 def registered_ops() -> dict[str, OpInfo]:
     """Every op with facts, by name (for `fxpress ops` and tests)."""
+    load_dialects()
     return {info.name: info for info in _REGISTRY.values()}

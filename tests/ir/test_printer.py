@@ -8,7 +8,6 @@ and read the diff before committing it.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import golden
 from fxpress.errors import FxpressError
 from fxpress.ir.capture import capture
 from fxpress.ir.printer import (format_arg, format_graph, format_json, render_dot, to_dot, to_json,
@@ -104,17 +104,8 @@ def conv_traced():
 
 # -- golden text ----------------------------------------------------------------------------
 def check_golden(name: str, text: str) -> None:
-    """Compare `text` with tests/ir/golden/`name`; rewrite it when FXPRESS_UPDATE_GOLDEN=1."""
-    path = GOLDEN / name
-    if os.environ.get("FXPRESS_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    assert path.exists(), f"missing golden file {path}; create it with FXPRESS_UPDATE_GOLDEN=1"
-    expected = path.read_text()
-    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                        f"golden/{name}", "printed"))
-    assert text == expected, f"printed IR differs from golden/{name}:\n{diff}"
+    """Compare `text` with the golden file `name` beside this test (tests/golden.py)."""
+    golden.check_golden(GOLDEN, name, text)
 
 
 @pytest.mark.parametrize("name, make, collapse", [

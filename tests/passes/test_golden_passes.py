@@ -16,7 +16,6 @@ depend on the process (hash seed, ids): a second process prints the same bytes.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import subprocess
@@ -31,6 +30,7 @@ from model_factories import ConstantSubgraph, ConvBnRelu, randomize_batchnorm
 from torch import nn
 
 import fxpress
+import golden
 from fxpress.ir.builder import origin
 from fxpress.ir.graph import Graph
 from fxpress.ir.printer import format_graph
@@ -148,17 +148,8 @@ def case_texts(case: Case) -> tuple[str, str]:
 
 # -- golden text ------------------------------------------------------------------------------
 def check_golden(name: str, text: str) -> None:
-    """Compare `text` with tests/passes/golden/`name`; rewrite it when FXPRESS_UPDATE_GOLDEN=1."""
-    path = GOLDEN / name
-    if os.environ.get("FXPRESS_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    assert path.exists(), f"missing golden file {path}; create it with FXPRESS_UPDATE_GOLDEN=1"
-    expected = path.read_text()
-    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                        f"golden/{name}", "printed"))
-    assert text == expected, f"printed IR differs from golden/{name}:\n{diff}"
+    """Compare `text` with the golden file `name` beside this test (tests/golden.py)."""
+    golden.check_golden(GOLDEN, name, text)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -27,7 +27,7 @@ import torch.fx
 from fxpress.errors import PassError
 from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
-from fxpress.ir.rewrite import add_tensor
+from fxpress.ir.rewrite import add_tensor, ancestors
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -199,15 +199,8 @@ def constant_nodes(graph: Graph, fold_params: bool = False) -> set[torch.fx.Node
 
 # -- evaluation and choice ------------------------------------------------------------------
 def _ancestors(roots: list[torch.fx.Node], within: set[torch.fx.Node]) -> set[torch.fx.Node]:
-    found: set[torch.fx.Node] = set()
-    stack = list(roots)
-    while stack:
-        node = stack.pop()
-        if node in found or node not in within:
-            continue
-        found.add(node)
-        stack.extend(node.all_input_nodes)
-    return found
+    """`roots` inside `within` and everything they read inside it."""
+    return {n for root in roots if root in within for n in ancestors(root, within) | {root}}
 
 
 class _Evaluator:

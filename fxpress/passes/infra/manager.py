@@ -23,6 +23,7 @@ from fxpress.ir.graph import Graph
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.instruments import Instrument
 from fxpress.passes.infra.registry import format_pipeline, parse_pipeline
+from fxpress.passes.infra.targets import LoweringTarget, check_target
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,15 @@ def _fingerprint(graph: Graph) -> tuple:
 class PassManager:
     """Runs passes in order; each gets the previous pass's graph."""
 
-    def __init__(self, passes: str | Sequence[Pass], instruments: Sequence[Instrument] = ()):
+    def __init__(self, passes: str | Sequence[Pass], instruments: Sequence[Instrument] = (),
+                 target: str | LoweringTarget | None = None):
+        """`target`: a compilation target (name or LoweringTarget); the pipeline is checked against it here,
+        before anything runs: a pass whose ops the target cannot lower is a PipelineError naming the
+        pass, the op and the targets that can."""
         self.passes: list[Pass] = parse_pipeline(passes) if isinstance(passes, str) else list(passes)
         self.instruments = list(instruments)
+        if target is not None:
+            check_target(self.passes, target)
 
     def __str__(self) -> str:
         return format_pipeline(self.passes)

@@ -1,0 +1,50 @@
+"""Graph -> TVM executable for one target: lower to Relax, tune if asked, build (the TVM backend's build)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fxpress.backends.targets import TargetSpec
+from fxpress.errors import LoweringError
+from fxpress.ir import Graph
+
+
+def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int,
+              tuning_dir: str | Path | None, schedule: bool) -> tuple:
+    """(executable, input signature, info) for `graph` compiled for `spec`.
+
+    tune_trials / tuning_dir: MetaSchedule tuning (llvm only) into a JSON database; a later build with
+    the same folder reuses it.  schedule: fxpress's default CPU schedules (False: TVM's naive loops).
+    """
+    from fxpress.backends.tvm import load_rules
+    from fxpress.backends.tvm.build import build_executable
+    from fxpress.backends.tvm.lowering import to_relax
+
+    load_rules()
+    lowered = to_relax(graph, dynamic=dynamic)
+    info: dict = {}
+    database = None
+    if tune_trials or tuning_dir:
+        database, info["tuning"] = tune_lowered(lowered, spec, tune_trials, tuning_dir, fast_math=schedule)
+    executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule)
+    info["tvm_compile_s"] = round(seconds, 3)
+    return executable, lowered.inputs, info
+
+
+def tune_lowered(lowered, spec: TargetSpec, trials: int, tuning_dir: str | Path | None,
+                 fast_math: bool) -> tuple[str, dict]:
+    """Tune into `tuning_dir` (a temporary folder when None); returns the folder and a summary."""
+    from fxpress.backends.tvm.build import make_target
+    from fxpress.backends.tvm.pipeline import fused_module
+    from fxpress.backends.tvm.tuning import tune
+
+    if spec.name != "llvm":
+        raise LoweringError(f"MetaSchedule tuning is implemented for target 'llvm' only, not {spec.name!r}")
+    if trials < 0:
+        raise LoweringError(f"tune_trials must be >= 0, got {trials}")
+    folder = str(tuning_dir) if tuning_dir else tempfile.mkdtemp(prefix="fxpress-tuning-")
+    target = make_target(spec)
+    report = tune(fused_module(lowered.mod, target, fast_math=fast_math), target, folder, trials)  # as the build
+    summary = {"dir": folder, "tasks": report.tasks, "tuned": len(report.tuned), "trials": report.trials,
+               "seconds": round(report.seconds, 2)}
+    return folder, summary
