@@ -248,7 +248,7 @@ def test_render_dot_reports_graphviz_failure(tmp_path, monkeypatch):
         render_dot("digraph g {}", tmp_path / "g", "pdf")
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz is not installed")
+@pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz is not installed: apt-get install graphviz")
 @pytest.mark.parametrize("collapse", [None, 2])
 def test_render_dot_with_real_graphviz(mlp, tmp_path, collapse):
     out = render_dot(to_dot(mlp, collapse=collapse), tmp_path / "mlp", "svg")
