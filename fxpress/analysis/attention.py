@@ -32,21 +32,26 @@ import torch
 from torch.fx import Node
 
 from fxpress.ir.graph import META_KEY, Graph
+from fxpress.ir.opinfo import op_info
 from fxpress.ir.rewrite import ancestors
 
 aten = torch.ops.aten
 
 SOFTMAX_OPS = (aten.softmax.int, aten._softmax.default, aten.special_softmax.default)
-SDPA_OPS = (aten.scaled_dot_product_attention.default,)
 MATMUL_OPS = (aten.matmul.default, aten.bmm.default)
 SCORE_OPS = (aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.to.dtype,
              aten._to_copy.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor)
 PASS_THROUGH_OPS = (aten.dropout.default, aten.to.dtype, aten._to_copy.default, aten.clone.default,
                     aten.contiguous.default, aten.alias.default)
 PER_TOKEN_OPS = (aten.layer_norm.default, aten.dropout.default, aten.contiguous.default, aten.clone.default)
-LINEAR_OPS = (aten.linear.default, aten.addmm.default, aten.mm.default) + MATMUL_OPS
 ADD_OPS = (aten.add.Tensor,)
 _SCORE_DEPTH = 4
+CHANNEL_MIXING = ("matmul", "binary")  # OpInfo categories of an MLP's layers (binarized ones too)
+
+
+def _category(node: Node) -> str | None:
+    info = op_info(node.target) if node.op == "call_function" else None
+    return info.category if info is not None else None
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ def find_attention_cores(graph: Graph) -> list[AttentionCore]:
     for node in graph.fx.nodes:
         if node.op != "call_function":
             continue
-        if node.target in SDPA_OPS:
+        if _category(node) == "attention":
             query, key, value = node.args[:3]
             cores.append(AttentionCore("sdpa", node, query, key, False, value, None, _path(node)))
         elif node.target in SOFTMAX_OPS:
@@ -195,7 +200,7 @@ def _mlp_residual(attn_residual: Node, stop: Node | None) -> Node | None:
             continue
         for stream, branch in ((left, right), (right, left)):
             between = ancestors(branch) - ancestors(stream) - {stream}
-            if stream in ancestors(branch) and any(n.target in LINEAR_OPS for n in between | {branch}):
+            if stream in ancestors(branch) and any(_category(n) in CHANNEL_MIXING for n in between | {branch}):
                 return node
     return None
 

@@ -18,8 +18,6 @@ as `ForeignInput`s for the pass to resolve (see `token_resize.py`).
 """
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from fxpress.backends.signature import TensorSpec, check_inputs, torch_dtype
-from fxpress.errors import ArtifactError
 from fxpress.utils.timing import Latency, measure_latency
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,6 @@
 """Residual block discovery (fxpress.analysis.blocks) and the block runner, on a tiny random LLaMA and zoo models."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

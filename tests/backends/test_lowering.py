@@ -2,7 +2,6 @@
 without one is a LoweringError naming the op and node; targets build (aarch64 objects, cuda, c)."""
 from __future__ import annotations
 
-import io
 import tarfile
 
 import pytest

@@ -25,7 +25,7 @@ convolutions, conv1d/3d and non-float weights are left alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Iterable, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.fx

@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from fxpress.errors import PassError
 from fxpress.ir.builder import Builder
 from fxpress.ir.graph import Graph
 from fxpress.ir.rewrite import add_tensor, ancestors

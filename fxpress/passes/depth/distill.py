@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from fxpress.errors import PipelineError, PreconditionError
+from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
 from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, find_blocks, no_blocks_reason
 from fxpress.analysis.manager import MainBlockStack
@@ -120,7 +120,7 @@ class Distill(Pass):
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1:
-            raise self.bad_option(f"steps and tail must be >= 0, lr > 0, max_batches >= 1")
+            raise self.bad_option("steps and tail must be >= 0, lr > 0, max_batches >= 1")
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         ctx.require_teacher(self.name)

@@ -192,13 +192,13 @@ class RemoveLayers(Pass):
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.count is not None:
-            raise self.bad_option(f"give ratio or count, not both")
+            raise self.bad_option("give ratio or count, not both")
         if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
             raise self.bad_option(f"ratio must be in [0, 1), got {self.ratio}")
         if self.count is not None and self.count < 0:
             raise self.bad_option(f"count must be >= 0, got {self.count}")
         if min(self.keep_first, self.keep_last, self.max_batches - 1, self.gate_steps - 1) < 0:
-            raise self.bad_option(f"keep_first/keep_last must be >= 0, "
+            raise self.bad_option("keep_first/keep_last must be >= 0, "
                                 "max_batches/gate_steps >= 1")
 
     def removal_count(self, blocks: int) -> int:

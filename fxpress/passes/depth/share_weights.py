@@ -24,8 +24,9 @@ from typing import ClassVar, Literal
 import torch
 from torch.fx import Node
 
-from fxpress.errors import PipelineError, PreconditionError
+from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
+from fxpress.ir.opinfo import op_info
 from fxpress.ops.binary import MST_OPS
 from fxpress.analysis.blocks import Block, BlockStack, no_blocks_reason
 from fxpress.analysis.manager import MainBlockStack
@@ -33,9 +34,6 @@ from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
 aten = torch.ops.aten
-NORM_OPS = (aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default,
-            aten.group_norm.default, aten.batch_norm.default)
-
 
 def executed_params(graph: Graph) -> int:
     """Parameters as the code runs them: each get_attr read of a Parameter counted."""
@@ -50,8 +48,11 @@ def executed_params(graph: Graph) -> int:
 
 def is_norm_param(graph: Graph, attr: Node) -> bool:
     """Whether a get_attr node feeds a normalization (by op, or by its reader's module type)."""
-    return any(user.target in NORM_OPS or "norm" in graph.info(user).module_type.lower()
-               for user in attr.users)
+    def reads_as_norm(user: Node) -> bool:
+        info = op_info(user.target)
+        return (info is not None and info.category == "norm") or "norm" in graph.info(user).module_type.lower()
+
+    return any(reads_as_norm(user) for user in attr.users)
 
 
 def _relative(block: Block, target: str, stack: BlockStack) -> str:

@@ -18,7 +18,6 @@ token stream) are resolved by `resolve_foreign_inputs`:
 """
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
