@@ -110,3 +110,12 @@ def test_a_precondition_failure_names_the_passes_before_it(vit):
     assert "already has" in str(error) and "passes run before it: merge-tokens{r=4," in str(error)
     with pytest.raises(PreconditionError, match=r"needs a teacher.*passes run before it: remove-layers"):
         PassManager("remove-layers{count=1},distill").run(graph, PassContext(calibration=[inputs]))
+
+
+def test_analyses_are_computed_once_and_carried_across_a_pass_that_preserves_them(llama):
+    """distill keeps the block structure and says so; remove-layers after it reuses the block stack."""
+    model, graph, batches = llama
+    ctx = PassContext(teacher=model, calibration=list(batches))
+    result = PassManager("distill{steps=1},remove-layers{count=1,metric=last}").run(graph, ctx)
+    assert [r.modified for r in result.reports] == [True, True]
+    assert ctx.analyses.computed == {"main-block-stack": 1}

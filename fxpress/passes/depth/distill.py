@@ -143,7 +143,7 @@ class Distill(Pass):
         for param in params:
             param.grad = None
         student.annotate()
-        return PassResult(student, modified=True, stats={
+        return PassResult(student, modified=True, preserved=(MainBlockStack,), stats={
             "steps": self.steps, "tail": self.tail, "trained_params": sum(p.numel() for p in params),
             "loss_first": round(_mean(losses[:window]), 6), "loss_last": round(_mean(losses[-window:]), 6)})
 

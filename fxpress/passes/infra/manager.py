@@ -111,13 +111,7 @@ class PassManager:
         except Exception as err:  # noqa: BLE001 - any crash inside a pass is that pass's failure
             raise PassError(f"{type(err).__name__}: {err}", pass_.name, ran_before) from err
         elapsed = time.perf_counter() - start
-        if not isinstance(result, PassResult):
-            raise PassError(f"returned {type(result).__name__}, not PassResult", pass_.name, ran_before)
-        if result.modified:
-            _check_provenance(result.graph, pass_.name, ran_before)
-        if not result.modified and not result.stats.get("reason"):
-            raise PassError("returned modified=False without saying why; put a 'reason' in its stats",
-                            pass_.name, ran_before)
+        _check_result(result, pass_.name, ran_before)
         if _fingerprint(graph) != fingerprint:
             raise PassError("changed the graph it was given; passes must copy before rewriting "
                             "(graph.copy())", pass_.name, ran_before)
@@ -131,9 +125,17 @@ class PassManager:
         return result.graph, report
 
 
-def _check_provenance(graph: Graph, pass_name: str, ran_before: tuple[str, ...]) -> None:
-    """Every op node of a pass's output says where it came from (cheap; full checks: VerifyAfterPass)."""
-    for node in graph.fx.nodes:
+def _check_result(result: Any, pass_name: str, ran_before: tuple[str, ...]) -> None:
+    """The contract on what a pass returns: a PassResult; a reason when nothing changed; provenance on
+    every op node when something did (cheap; the full checks are VerifyAfterPass's)."""
+    if not isinstance(result, PassResult):
+        raise PassError(f"returned {type(result).__name__}, not PassResult", pass_name, ran_before)
+    if not result.modified:
+        if not result.stats.get("reason"):
+            raise PassError("returned modified=False without saying why; put a 'reason' in its stats",
+                            pass_name, ran_before)
+        return
+    for node in result.graph.fx.nodes:
         if node.op == "call_function" and origin(node) is None:
             raise PassError(f"created {node.format_node()} without provenance; create nodes through "
                             "fxpress.ir.builder.Builder", pass_name, ran_before)
