@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fxpress.backends.signature import TensorSpec, input_specs
-from fxpress.backends.tvm import aten_rules, binary_rules, rules, token_rules  # noqa: F401 - modules register rules
+from fxpress.backends.tvm import load_rules, rules
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
 
@@ -64,6 +64,7 @@ def to_relax(graph: Graph, *, dynamic: bool = False) -> Lowered:
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
+    load_rules()  # the one list of rule modules (fxpress/backends/tvm/__init__.py)
     program = export_graph(graph, dynamic)
     nodes = list(program.graph.nodes)
     rules.check_lowerable(nodes, _known_ops())
