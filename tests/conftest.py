@@ -21,3 +21,13 @@ def zoo_model():
         return cache[name]
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_graph():
+    """(the tiny random LLaMA of model_factories, its captured graph), made once per session."""
+    import fxpress
+    from model_factories import tiny_llama, token_batches
+
+    model = tiny_llama()
+    return model, fxpress.capture(model, token_batches(1, seed=0)[0])

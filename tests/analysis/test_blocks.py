@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxpress
-from model_factories import VOCAB, skip_layers, tiny_llama, token_batches  # noqa: F401
+from model_factories import skip_layers, token_batches
 from fxpress.ir.verify import verify
 from fxpress.passes import PassContext
 from fxpress.analysis.blocks import BlockRunner, find_block_stacks, find_blocks, remove_blocks
@@ -15,10 +15,10 @@ from fxpress.passes.depth.remove_layers import RemoveLayers
 from fxpress.passes.depth.share_weights import ShareWeights
 from fxpress.analysis.attention import find_transformer_blocks
 
+
 @pytest.fixture(scope="module")
-def llama():
-    model = tiny_llama()
-    return model, fxpress.capture(model, token_batches(1, seed=0)[0])
+def llama(tiny_llama_graph):
+    return tiny_llama_graph
 
 
 def test_finds_decoder_layers_with_side_inputs(llama):

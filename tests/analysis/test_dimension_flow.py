@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_factories import tiny_llama, token_batches
+from model_factories import token_batches
 from torch import nn
 
 import fxpress
@@ -110,9 +110,8 @@ def assert_group_is_the_masked_channel(model, slices, reference, inputs, exact=T
 
 # -- tiny LLaMA (4 layers, hidden 32, 4 heads / 2 KV heads of 8, MLP 64) -------------------------
 @pytest.fixture(scope="module")
-def llama():
-    model = tiny_llama()
-    return model, fxpress.capture(model, token_batches(1, seed=0)[0])
+def llama(tiny_llama_graph):
+    return tiny_llama_graph
 
 
 def test_llama_mlp_channel(llama):
