@@ -129,7 +129,10 @@ def _initial_size(build: Builder, first: TransformerBlock) -> Node:
     """Sizes before the first merge: ones (B, N, 1), made outside the blocks from the stream entering the
     first merging block.  Explicit rather than None so that every merging block reads the sizes it passes
     on: removing or skipping a block then hands its input sizes to the next one."""
-    with build.after(first.stream_in) as at:
+    point = first.stream_in
+    if point.op == "placeholder":  # the stream is a graph input: after the last input, inputs stay first
+        point = [n for n in build.graph.fx.nodes if n.op == "placeholder"][-1]
+    with build.after(point, like=first.stream_in) as at:
         last = len(shape_of(first.stream_in)) - 1  # a non-negative dim: TVM's importer wants one
         return at.call(aten.ones_like.default, at.call(aten.slice.Tensor, first.stream_in, last, 0, 1))
 

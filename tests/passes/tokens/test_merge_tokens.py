@@ -454,3 +454,39 @@ def test_docs_example_runs(monkeypatch):
     module = types.ModuleType("tokens_doc_example")
     monkeypatch.setitem(sys.modules, module.__name__, module)
     exec(compile(block, str(page), "exec"), module.__dict__)
+
+
+class _InputBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+        self.fc, self.norm = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        batch, tokens, channels = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        attention = (q @ k.transpose(-2, -1) * 0.3).softmax(-1) @ v
+        x = x + self.proj(attention.transpose(1, 2).reshape(batch, tokens, channels))
+        return x + self.fc(self.norm(x))
+
+
+class _StreamIsAnInput(torch.nn.Module):
+    """The first block reads a graph input directly, and a second input comes after it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([_InputBlock(), _InputBlock(), _InputBlock()])
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = block(x)
+        return x[:, 0] + y
+
+
+def test_initial_sizes_after_the_inputs_when_the_stream_is_an_input():
+    graph = fxpress.capture(_StreamIsAnInput().eval(), (torch.randn(2, 11, 16), torch.randn(2, 16)))
+    result = PassManager("merge-tokens{r=2},remove-layers{count=1}", [VerifyAfterPass()]).run(graph, PassContext())
+    assert [r.modified for r in result.reports] == [True, True]
+    kinds = [node.op for node in result.graph.fx.nodes]
+    assert kinds.index("call_function") > max(i for i, kind in enumerate(kinds) if kind == "placeholder")
