@@ -26,7 +26,8 @@ import numpy as np
 from fxpress.backends.targets import TargetSpec, get_target, register_target
 from fxpress.errors import ArtifactError, LoweringError
 from fxpress.ir import Graph
-from fxpress.passes.infra.targets import op_qualname, register_lowering_target
+from fxpress.ir.opinfo import op_qualname
+from fxpress.passes.infra.targets import register_lowering_target
 
 BUILTIN_NAMESPACES = ("aten", "prims")
 

@@ -26,17 +26,12 @@ import tempfile
 from pathlib import Path
 
 from fxpress.errors import FxpressError, PipelineError
+from fxpress.utils.cache import cache_root
 
 log = logging.getLogger(__name__)
 
 TABLE_VERSION = 1
 PACKAGE = Path(__file__).resolve().parent.parent
-
-
-def cache_root() -> Path:
-    """$FXPRESS_CACHE, else ~/.cache/fxpress (the native kernels cache under it too)."""
-    root = os.environ.get("FXPRESS_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "fxpress"
 
 
 def source_key() -> str:

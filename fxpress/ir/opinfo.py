@@ -70,6 +70,22 @@ def op_name(target: object) -> str:
     return f"{module.rpartition('.')[2] or module}.{getattr(target, '__name__', target)}" if module else str(target)
 
 
+def op_qualname(op: Any) -> str:
+    """``namespace::name`` of an OpOverload, packet or qualified-name string (overload dropped)."""
+    if isinstance(op, str):
+        return op.partition(".")[0] if "::" in op else op
+    schema_name = getattr(getattr(op, "_schema", None), "name", None)
+    if schema_name is not None:
+        return schema_name
+    qualified = getattr(op, "_qualified_op_name", None)  # an OpOverloadPacket
+    return qualified if isinstance(qualified, str) else getattr(op, "__name__", str(op))
+
+
+def op_label(op: Any) -> str:
+    """How messages name an op: ``fxpress.merge_tokens``."""
+    return op_qualname(op).replace("::", ".")
+
+
 def define_op(info: OpInfo) -> OpInfo:
     """Record the facts of `info.target`; a different second definition is an error."""
     known = _REGISTRY.get(info.target)

@@ -26,6 +26,7 @@ import threading
 from pathlib import Path
 
 from fxpress.errors import LoweringError
+from fxpress.utils.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,7 @@ _LOCK = threading.Lock()
 
 def cache_dir() -> Path:
     """Where built libraries live: $FXPRESS_CACHE/native, else ~/.cache/fxpress/native."""
-    root = os.environ.get("FXPRESS_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "fxpress") / "native"
+    return cache_root() / "native"
 
 
 def find_compiler() -> str:

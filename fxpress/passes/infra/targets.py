@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Protocol, runtime_checkable
 
 from fxpress.errors import PipelineError
+from fxpress.ir.opinfo import op_label, op_qualname
 
 
 @runtime_checkable
@@ -57,22 +58,6 @@ def get_lowering_target(name: str) -> LoweringTarget:
         known = ", ".join(_TARGETS) or "none (import fxpress.backends to register them)"
         raise PipelineError(f"unknown target {name!r}; known targets: {known}")
     return target
-
-
-def op_qualname(op: Any) -> str:
-    """``namespace::name`` of an OpOverload, packet or qualified-name string (overload dropped)."""
-    if isinstance(op, str):
-        return op.partition(".")[0] if "::" in op else op
-    schema_name = getattr(getattr(op, "_schema", None), "name", None)
-    if schema_name is not None:
-        return schema_name
-    qualified = getattr(op, "_qualified_op_name", None)  # an OpOverloadPacket
-    return qualified if isinstance(qualified, str) else getattr(op, "__name__", str(op))
-
-
-def op_label(op: Any) -> str:
-    """How messages name an op: ``fxpress.merge_tokens``."""
-    return op_qualname(op).replace("::", ".")
 
 
 def targets_that_lower(op: Any) -> list[str]:
