@@ -1,16 +1,30 @@
-"""Input signatures of compiled models: names, shapes, dtypes and dynamic dims.
+"""What a backend receives from a Graph: its re-export, and the input signature of the compiled model.
 
 A signature is what a CompiledModel checks every call against and what its
 manifest records.  Dynamic dims accept any size; the others must match.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from fxpress.errors import ArtifactError
+from fxpress.errors import ArtifactError, LoweringError
 from fxpress.ir import Graph
+
+
+def reexport(graph: Graph, dynamic: bool, backend: str) -> torch.export.ExportedProgram:
+    """The Graph's module exported again (non-strict; dynamic dims kept when `dynamic`), for `backend`."""
+    shapes = graph.dynamic_shapes if dynamic else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(graph.module, tuple(graph.example_inputs), dynamic_shapes=shapes,
+                                       strict=False)
+    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
+        raise LoweringError(f"{backend} backend: cannot re-export graph {graph.name}: {type(err).__name__}: "
+                            f"{str(err).strip().splitlines()[0][:300]}") from err
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ them back in different places.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +23,13 @@ import numpy as np
 import torch
 
 from fxpress.backends.native.lowering import NativeProgram, lower_native
-from fxpress.backends.signature import TensorSpec, input_specs, torch_dtype
+from fxpress.backends.signature import TensorSpec, input_specs, reexport, torch_dtype
 from fxpress.errors import ArtifactError, LoweringError
 from fxpress.ir import Graph, capture
 
 log = logging.getLogger(__name__)
 
 KINDS = ("parameter", "buffer", "constant")
-
-
-def _export(graph: Graph, dynamic: bool) -> torch.export.ExportedProgram:
-    shapes = graph.dynamic_shapes if dynamic else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(graph.module, tuple(graph.example_inputs), dynamic_shapes=shapes,
-                                       strict=False)
-    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
-        raise LoweringError(f"native backend: cannot export graph {graph.name}: {type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:300]}") from err
 
 
 def _program_tensors(program: torch.export.ExportedProgram) -> dict[str, np.ndarray]:
@@ -118,7 +105,7 @@ def build_native(graph: Graph, *, dynamic: bool = False) -> tuple[NativeExecutab
     """Lower `graph`'s binary ops onto the native kernels; the executable and its input signature."""
     from torch._export.serde.serialize import serialize
 
-    program = _export(graph, dynamic)
+    program = reexport(graph, dynamic, "native")
     schema = serialize(program, serialize_state_dict=False, serialize_constants=False,
                        serialize_example_inputs=False).exported_program
     tensors = _program_tensors(program)

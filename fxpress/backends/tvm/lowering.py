@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fxpress.backends.signature import TensorSpec, input_specs
+from fxpress.backends.signature import TensorSpec, input_specs, reexport
 from fxpress.backends.tvm import load_rules, rules
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
@@ -36,15 +36,13 @@ class Lowered:
 
 def export_graph(graph: Graph, dynamic: bool) -> torch.export.ExportedProgram:
     """Re-export the Graph's module and decompose it to core ATen (custom ops are kept)."""
-    shapes = graph.dynamic_shapes if dynamic else None
+    program = reexport(graph, dynamic, "tvm")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(graph.module, tuple(graph.example_inputs),
-                                          dynamic_shapes=shapes, strict=False)
             return program.run_decompositions()
-    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
-        raise LoweringError(f"cannot re-export graph {graph.name} for lowering: "
+    except Exception as err:  # noqa: BLE001 - decompositions raise many kinds
+        raise LoweringError(f"cannot decompose graph {graph.name} for lowering: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
 
 
