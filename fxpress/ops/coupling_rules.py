@@ -313,11 +313,6 @@ COUPLING_RULES: dict[object, Callable[[CouplingContext], None]] = {
 
 
 def coupling_rule(target: object) -> Callable[[CouplingContext], None] | None:
-    """The coupling rule of an op: its OpInfo's, else this table's (ops fxpress has no OpInfo for)."""
+    """The coupling rule of an op, from its OpInfo (every op with a rule here has one: see ops/aten.py)."""
     info = op_info(target)
-    if info is not None and info.coupling is not None:
-        return info.coupling
-    try:
-        return COUPLING_RULES.get(target)
-    except TypeError:
-        return None
+    return info.coupling if info is not None else None
