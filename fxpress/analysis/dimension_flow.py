@@ -40,7 +40,8 @@ from fxpress.ops.coupling_rules import coupling_rule
 
 Key = tuple[Node, Any]  # (node, output item or None)
 
-__all__ = ["DimensionGroup", "ParamSlice", "channel_group", "dimension_group", "head_group", "kv_head_group"]
+__all__ = ["DimensionGroup", "ParamSlice", "channel_group", "dimension_group", "head_group", "kv_head_group",
+           "kv_source"]
 
 
 @dataclass
@@ -196,7 +197,7 @@ def head_group(graph: Graph, attention: str, head: int, **options: Any) -> Dimen
 
 def kv_head_group(graph: Graph, attention: str, kv_head: int, **options: Any) -> DimensionGroup:
     """Key/value head `kv_head` of the attention at `attention`, with every query head that reads it."""
-    key = _kv_source(_attention_node(graph, attention))
+    key = kv_source(_attention_node(graph, attention))
     rank = len(shape_of(key))
     return dimension_group(graph, key, rank - 3, kv_head, seed=f"key/value head {kv_head} of {attention}",
                            **options)
@@ -234,7 +235,7 @@ def _attention_node(graph: Graph, attention: str) -> Node:
     return found[0]
 
 
-def _kv_source(sdpa: Node) -> Node:
+def kv_source(sdpa: Node) -> Node:
     """The key tensor before grouped-query repetition (`repeat_kv`: unsqueeze, expand, reshape): walk back
     from the sdpa's key through single-input ops to a tensor shaped like it with fewer heads."""
     heads, key = shape_of(sdpa.args[0])[-3], sdpa.args[1]

@@ -145,7 +145,8 @@ class OnnxBackend(Backend):
 
 
 class NativeBackend(Backend):
-    """The native C kernels for the binary ops; every other op runs in PyTorch."""
+    """The native C kernels for the binary ops; sparse_linear runs eagerly on its own C kernel; every other
+    op runs in PyTorch."""
 
     name = "native"
     targets = ("native",)
@@ -164,8 +165,10 @@ class NativeBackend(Backend):
 
     def can_lower(self, op: Any, target: str | None = None) -> bool:
         from fxpress.ops.binary import BINARY_OPS
+        from fxpress.ops.sparse import SPARSE_LINEAR
 
-        return is_builtin(op) or op_qualname(op) in {op_qualname(binary) for binary in BINARY_OPS}
+        native = {op_qualname(kernel_op) for kernel_op in (*BINARY_OPS, SPARSE_LINEAR)}
+        return is_builtin(op) or op_qualname(op) in native
 
 
 def _no_options(backend: str, options: dict) -> None:

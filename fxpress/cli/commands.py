@@ -20,7 +20,7 @@ from fxpress.ir.printer import format_graph, write_dump
 from fxpress.passes import (DumpToDir, NumericCheck, PassContext, PassManager, PrintAfterPass,
                             VerifyAfterPass, registered_passes)
 from fxpress.passes.infra.registry import format_type, format_value, pass_options
-from fxpress.eval import calibration_batches, evaluate
+from fxpress.eval import calibration_batches, evaluate, task_loss_for
 from fxpress.zoo.specs import resolve_model
 from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import ZooModel
@@ -92,7 +92,8 @@ def cmd_dump(args) -> int:
 
 def _pipeline_context(model: ZooModel, args) -> PassContext:
     batches = calibration_batches(model, count=args.calibration) if args.calibration else []
-    return PassContext(calibration=batches, teacher=model.module, seed=args.seed, progress=RichProgress())
+    return PassContext(calibration=batches, teacher=model.module, seed=args.seed, progress=RichProgress(),
+                       loss=task_loss_for(model))
 
 
 def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, list]:

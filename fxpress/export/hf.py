@@ -1,4 +1,4 @@
-"""Save a depth-compressed graph: as a Hugging Face model folder, or as deduplicated weights.
+"""Save a compressed graph (depth or width): as a Hugging Face model folder, or as deduplicated weights.
 
 ``export_hf(graph, source, folder)`` rebuilds the Hugging Face model the
 graph was captured from (``source``: the captured module, e.g. a zoo
@@ -6,7 +6,9 @@ wrapper whose ``model`` attribute is the ``PreTrainedModel``) with
 ``num_hidden_layers`` set to the graph's remaining blocks, its state dict
 renamed (block k of the compressed graph <- the kept block it came from)
 and ``save_pretrained`` into ``folder``; ``transformers`` reloads it and
-gives the graph's outputs.  Tensors the graph does not read (a pooler,
+gives the graph's outputs.  Width pruning (``prune-width``) shows in the
+tensors' shapes: ``hidden_size``, ``intermediate_size``,
+``num_attention_heads`` and ``num_key_value_heads`` are read off them.  Tensors the graph does not read (a pooler,
 non-persistent buffers) come from ``source``.  Hugging Face configs
 cannot say "layer 3 reuses layer 2's weights", so weights shared by
 ``share-weights`` are written once per layer in this format (untied).
@@ -60,12 +62,57 @@ def _block_tensors(graph: Graph, stack: BlockStack) -> list[dict[str, torch.Tens
     return found
 
 
-def _new_config(hf: Any, stack: BlockStack) -> Any:
+# Where a config's width fields can be read off the tensors (names relative to a block, or anywhere for embeddings).
+_EMBEDDINGS = ("embed_tokens.weight", "word_embeddings.weight")
+_MLP_IN = ("mlp.up_proj.weight", "intermediate.dense.weight", "mlp.fc1.weight")
+_QUERY = ("self_attn.q_proj.weight", "attention.self.query.weight")
+_KEY = ("self_attn.k_proj.weight", "attention.self.key.weight")
+
+
+def _rows(blocks: list[dict[str, torch.Tensor]], names: tuple[str, ...]) -> int | None:
+    """The common output size of the first matching tensor of every block (ArtifactError if they differ)."""
+    sizes = {next((t.shape[0] for n, t in b.items() if n in names), None) for b in blocks}
+    sizes.discard(None)
+    if len(sizes) > 1:
+        raise ArtifactError(f"blocks have different {names[0]} widths {sorted(sizes)}; a Hugging Face config "
+                            "holds one width for every layer")
+    return sizes.pop() if sizes else None
+
+
+def _set_widths(config: Any, original: Any, blocks: list[dict[str, torch.Tensor]],
+                tensors: dict[str, torch.Tensor]) -> None:
+    """hidden_size, intermediate_size, num_attention_heads, num_key_value_heads from the pruned tensors."""
+    heads = getattr(original, "num_attention_heads", None)
+    head_dim = getattr(original, "head_dim", None) or (original.hidden_size // heads if heads else None)
+    embedding = next((t for n, t in tensors.items() if n.endswith(_EMBEDDINGS) and t.dim() == 2), None)
+    if embedding is not None:
+        config.hidden_size = int(embedding.shape[1])
+    intermediate = _rows(blocks, _MLP_IN)
+    if intermediate is not None and hasattr(config, "intermediate_size"):
+        config.intermediate_size = int(intermediate)
+    query, key = _rows(blocks, _QUERY), _rows(blocks, _KEY)
+    if head_dim and query is not None:
+        config.num_attention_heads = int(query // head_dim)
+        if hasattr(original, "num_key_value_heads") and key is not None:
+            config.num_key_value_heads = int(key // head_dim)
+        if hasattr(original, "head_dim"):
+            config.head_dim = int(head_dim)
+        elif config.num_attention_heads * head_dim != config.hidden_size:
+            raise ArtifactError(f"{type(original).__name__} derives the head size from hidden_size / "
+                                f"num_attention_heads, so {config.num_attention_heads} heads of {head_dim} "
+                                f"beside hidden size {config.hidden_size} cannot be written; export models with "
+                                "pruned heads from configs that have head_dim (LLaMA-style)")
+
+
+def _new_config(hf: Any, stack: BlockStack, blocks: list[dict[str, torch.Tensor]] | None = None,
+                tensors: dict[str, torch.Tensor] | None = None) -> Any:
     config = copy.deepcopy(hf.config)
     config.num_hidden_layers = len(stack)
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == hf.config.num_hidden_layers:
         config.layer_types = [layer_types[b.label] for b in stack.blocks]
+    if blocks is not None:
+        _set_widths(config, hf.config, blocks, tensors or {})
     return config
 
 
@@ -80,7 +127,7 @@ def compressed_state_dict(graph: Graph, source: torch.nn.Module) -> tuple[Any, d
     blocks = _block_tensors(graph, stack)
     original = hf.state_dict()
     graph_tensors = graph.referenced_tensors()
-    config = _new_config(hf, stack)
+    config = _new_config(hf, stack, blocks, graph_tensors)
     state: dict[str, torch.Tensor] = {}
     layer = re.compile(re.escape(container) + r"\.\d+\.")
     for key, value in original.items():

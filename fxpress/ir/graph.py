@@ -141,6 +141,9 @@ class Graph:
         self.source = source
         self.dynamic_shapes = dynamic_shapes
         self.version = 0  # bumped by annotate(): cached analyses of an older version are stale
+        # Sparsity masks by attribute path (True where a weight is kept): what a pruning pass fixed at
+        # zero; training passes (distill) re-apply them after every step so pruned weights stay zero.
+        self.masks: dict[str, torch.Tensor] = {}
 
     # -- structure -----------------------------------------------------------------
     @property
@@ -290,8 +293,10 @@ class Graph:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             module = copy.deepcopy(self.module, memo)
-        return Graph(module, self.example_inputs, name=self.name, source=self.source,
-                     dynamic_shapes=self.dynamic_shapes)
+        new = Graph(module, self.example_inputs, name=self.name, source=self.source,
+                    dynamic_shapes=self.dynamic_shapes)
+        new.masks = dict(self.masks)
+        return new
 
     def owned_tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the module holds: parameters, buffers and plain tensor attributes."""

@@ -99,6 +99,8 @@ CATEGORIES: dict[str, tuple] = {
              aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default, aten.adaptive_max_pool2d.default),
     "embedding": (aten.embedding.default,),
     "shape": (aten.sym_size.int, aten._assert_tensor_metadata.default),
+    "creation": (aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default,
+                 aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default),
 }
 MAC_RULES = {
     aten.linear.default: linear_macs, torch.nn.functional.linear: linear_macs,

@@ -277,7 +277,8 @@ _IDENTITY_OPS = (aten.relu.default, aten.gelu.default, aten.silu.default, aten.t
                  aten.abs.default, aten.cos.default, aten.sin.default, aten.dropout.default,
                  aten.contiguous.default, aten.clone.default, aten.alias.default, aten.detach.default,
                  aten.to.dtype, aten.to.device, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
-                 aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten.special_softmax.default)
+                 aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten.special_softmax.default,
+                 aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default)
 _BROADCAST_OPS = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self,
                   aten.where.ScalarOther, aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar, aten.maximum.default,
                   aten.minimum.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.__and__.Tensor,
@@ -309,6 +310,9 @@ COUPLING_RULES: dict[object, Callable[[CouplingContext], None]] = {
     aten.split_with_sizes.default: _split, aten.unbind.int: _split, operator.getitem: _getitem,
     aten.mean.dim: _reduce, aten.sum.dim_IntList: _reduce, aten.amax.default: _reduce,
     aten.sym_size.int: _nothing, aten._assert_tensor_metadata.default: _nothing,
+    # new_* read only the input's dtype and device: their size is an argument, not the input's shape
+    **{op: _nothing for op in (aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
+                               aten.new_empty.default)},
 }
 
 

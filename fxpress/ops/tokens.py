@@ -315,8 +315,31 @@ def merge_tokens_macs(node: Any, arg_shapes: list, out: Any) -> int:
     return similarity + batch * removed * kept * metric[-1] + batch * removed * targets * channels
 
 
-define_op(OpInfo(MERGE_TOKENS, "tokens", merge_tokens_macs, doc="(x', size') = T-reduction of x"))
-define_op(OpInfo(TAIL_DROP, "tokens", doc="x[:, :keep]"))
+def channel_coupling(ctx: Any) -> None:
+    """Coupling rule of the token ops: channels (the last axis) pass through unchanged, tokens do not.
+
+    A mask that is the same for every token (removed channels, heads) maps onto the output's channels
+    and back; a mask that singles out token positions cannot be followed through a merge."""
+    multi = ctx.node.target == MERGE_TOKENS
+    out_item = 0 if multi else None
+
+    def per_channel(mask: Tensor) -> Tensor:
+        if mask.dim() < 2 or mask.shape[-2] != 1:
+            raise ctx.fail("a mask over token positions cannot be followed through a token merge; only channels "
+                           "(the last axis) can be pruned across it")
+        return mask
+
+    found = ctx.mask(ctx.node.args[0])
+    if found is not None:
+        ctx.couple(ctx.node, per_channel(found), out_item)
+    found = ctx.mask(ctx.node, out_item)
+    if found is not None:
+        ctx.couple(ctx.node.args[0], per_channel(found))
+
+
+define_op(OpInfo(MERGE_TOKENS, "tokens", merge_tokens_macs, doc="(x', size') = T-reduction of x",
+                 coupling=channel_coupling))
+define_op(OpInfo(TAIL_DROP, "tokens", doc="x[:, :keep]", coupling=channel_coupling))
 TOKEN_OPS = (MERGE_TOKENS, TAIL_DROP)
 
 

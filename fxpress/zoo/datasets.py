@@ -25,14 +25,34 @@ name             returns         contents
                                  Markdown text; 31 train plays, 7 test plays
 ``pydoc-topics`` TextDataset     ``pydoc_data.topics.topics`` (Python help
                                  topics), titles sorted
+``stdlib-docs``  TextDataset     retrieval pairs from the standard library's
+                                 docstrings: titles are qualified names
+                                 (queries), texts the docstrings
+                                 (documents); about 2450 train, 1220 test
+                                 on Python 3.11
 ===============  ==============  ==========================================
+
+``stdlib-docs`` is split by name instead of rank, since its contents change
+with the Python version and a rank split would move items when one is
+added: an item belongs to "test" iff the first 8 hex digits of the SHA-1
+of its qualified name, as an integer, are divisible by 3.  Its items are
+ordered by that hash, so any prefix (``max_items``) is a fair sample.
 """
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
+import importlib
+import inspect
+import json
 import logging
-from dataclasses import dataclass
+import os
+import pkgutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -40,6 +60,7 @@ import torch
 
 from fxpress.errors import ZooError
 from fxpress.zoo import packages
+from fxpress.zoo.hf import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +208,149 @@ def load_pydoc_topics(split: str) -> TextDataset:
     return TextDataset("pydoc-topics", split, kept, [topics[t] for t in kept])
 
 
+# Standard-library modules whose import only defines things (no I/O, threads, windows or prints), and
+# packages whose submodules are walked too.  A module that fails to import here is skipped.
+STDLIB_MODULES = (
+    "abc", "argparse", "ast", "base64", "bdb", "bisect", "calendar", "cmd", "code", "codecs", "codeop",
+    "colorsys", "compileall", "configparser", "contextlib", "copy", "copyreg", "csv", "dataclasses",
+    "datetime", "difflib", "dis", "doctest", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib",
+    "functools", "getopt", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "imaplib",
+    "inspect", "ipaddress", "keyword", "linecache", "locale", "lzma", "mailbox", "mimetypes", "modulefinder",
+    "netrc", "numbers", "opcode", "operator", "optparse", "os", "pathlib", "pdb", "pickle", "pickletools",
+    "pkgutil", "platform", "plistlib", "poplib", "posixpath", "pprint", "profile", "pstats", "py_compile",
+    "pyclbr", "pydoc", "queue", "quopri", "random", "re", "reprlib", "rlcompleter", "runpy", "sched",
+    "secrets", "selectors", "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver", "ssl", "stat",
+    "statistics", "string", "stringprep", "subprocess", "symtable", "tabnanny", "tarfile", "tempfile",
+    "textwrap", "threading", "timeit", "token", "tokenize", "trace", "traceback", "types", "typing", "uuid",
+    "warnings", "wave", "weakref", "zipapp", "zipfile", "zipimport",
+)
+STDLIB_PACKAGES = (
+    "asyncio", "collections", "concurrent", "ctypes", "dbm", "email", "html", "http", "importlib", "json",
+    "logging", "multiprocessing", "sqlite3", "tomllib", "unittest", "urllib", "wsgiref", "xml", "xmlrpc",
+    "zoneinfo",
+)
+STDLIB_DOCS_FORMAT = 1  # bump when the extraction below changes: cached pairs are rebuilt
+MIN_DOC_CHARS = 40
+MIN_DOC_WORDS = 8
+DOCS_TEST_EVERY = 3
+
+
+def _stdlib_module_names() -> list[str]:
+    """The allow-listed modules and the submodules of the allow-listed packages (tests excluded), sorted."""
+    names = set(STDLIB_MODULES)
+    for package_name in STDLIB_PACKAGES:
+        package = _import_quietly(package_name)
+        if package is None:
+            continue
+        names.add(package_name)
+        for info in pkgutil.walk_packages(getattr(package, "__path__", []), package_name + ".",
+                                          onerror=lambda name: None):
+            parts = info.name.split(".")
+            if not any(part.startswith("test") or part == "__main__" for part in parts):
+                names.add(info.name)
+    return sorted(names)
+
+
+def _import_quietly(name: str):
+    """The module, or None when it does not import here (platform-specific, missing C library)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - any failure means "not available here"
+            log.debug("stdlib-docs: skipping %s: %s", name, err)
+            return None
+
+
+def _documented_objects(module) -> Iterator[tuple[str, object]]:
+    """(qualified name, object) for the module, its functions and classes, and the classes' methods and
+    properties, for names defined in this module (not imported into it); dunder names skipped."""
+    yield module.__name__, module
+    for attr, obj in sorted(vars(module).items()):
+        if attr.startswith("__") or getattr(obj, "__module__", None) != module.__name__:
+            continue
+        if inspect.isfunction(obj):
+            yield f"{module.__name__}.{attr}", obj
+        elif inspect.isclass(obj):
+            yield f"{module.__name__}.{attr}", obj
+            for name, member in sorted(vars(obj).items()):
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if not name.startswith("__") and (inspect.isfunction(member) or isinstance(member, property)):
+                    yield f"{module.__name__}.{attr}.{name}", member
+
+
+def _build_stdlib_docs() -> list[tuple[str, str]]:
+    """(qualified name, cleaned docstring) pairs: own docstrings only (never inherited), at least
+    MIN_DOC_CHARS characters and MIN_DOC_WORDS words, each docstring kept once (its first name)."""
+    docs: dict[str, str] = {}
+    for module_name in _stdlib_module_names():
+        module = _import_quietly(module_name)
+        if module is None:
+            continue
+        for name, obj in _documented_objects(module):
+            raw = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else ""
+            doc = inspect.cleandoc(raw)
+            if len(doc) >= MIN_DOC_CHARS and len(doc.split()) >= MIN_DOC_WORDS:
+                docs.setdefault(name, doc)
+    seen: set[str] = set()
+    pairs = []
+    for name in sorted(docs):
+        if docs[name] not in seen:
+            seen.add(docs[name])
+            pairs.append((name, docs[name]))
+    return pairs
+
+
+def _name_hash(name: str) -> str:
+    return hashlib.sha1(name.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs_pairs() -> tuple[tuple[str, str], ...]:
+    """All pairs, ordered by name hash; cached as JSON per Python version under cache_root()."""
+    stamp = hashlib.sha1(f"{sys.version}|{STDLIB_DOCS_FORMAT}".encode()).hexdigest()[:16]
+    path = cache_root() / "datasets" / f"stdlib-docs-{stamp}.json"
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.get("python") == sys.version and record.get("format") == STDLIB_DOCS_FORMAT:
+                return tuple((name, doc) for name, doc in record["pairs"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("stdlib-docs: rebuilding unreadable cache %s: %s", path, err)
+    pairs = sorted(_build_stdlib_docs(), key=lambda pair: (_name_hash(pair[0]), pair[0]))
+    record = {"format": STDLIB_DOCS_FORMAT, "python": sys.version, "pairs": pairs}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False,
+                                         suffix=".tmp") as handle:
+            json.dump(record, handle)
+        os.chmod(handle.name, 0o644)
+        os.replace(handle.name, path)
+    except OSError as err:
+        log.warning("stdlib-docs: cannot cache pairs at %s: %s", path, err)
+    return tuple(pairs)
+
+
+def stdlib_docs_split(name: str) -> str:
+    """"test" or "train": the side of stdlib-docs item `name` (see module doc)."""
+    return "test" if int(_name_hash(name)[:8], 16) % DOCS_TEST_EVERY == 0 else "train"
+
+
+def load_stdlib_docs(split: str) -> TextDataset:
+    """Standard-library docstrings as retrieval pairs: titles[i] (a qualified name) -> texts[i]."""
+    if split not in SPLITS:
+        raise ZooError(f"unknown split '{split}'; available splits: {', '.join(SPLITS)}")
+    kept = [(n, d) for n, d in _stdlib_docs_pairs() if split == "all" or stdlib_docs_split(n) == split]
+    return TextDataset("stdlib-docs", split, [n for n, _ in kept], [d for _, d in kept])
+
+
 _DATASETS: dict[str, Callable[[str], ImageDataset | TextDataset]] = {
     "digits": load_digits_dataset,
     "mnist-5k": load_mnist_5k,
     "pydoc-topics": load_pydoc_topics,
     "shakespeare": load_shakespeare,
+    "stdlib-docs": load_stdlib_docs,
 }
 
 
@@ -200,15 +359,27 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def load_dataset(name: str, split: str = "train") -> ImageDataset | TextDataset:
-    """Load a built-in dataset split ("train", "test" or "all").
+def head(dataset: ImageDataset | TextDataset, count: int) -> ImageDataset | TextDataset:
+    """The first `count` items of `dataset`, in its order."""
+    if isinstance(dataset, TextDataset):
+        return replace(dataset, titles=dataset.titles[:count], texts=dataset.texts[:count])
+    return replace(dataset, images=dataset.images[:count], labels=dataset.labels[:count],
+                   indices=dataset.indices[:count])
+
+
+def load_dataset(name: str, split: str = "train", max_items: int | None = None) -> ImageDataset | TextDataset:
+    """Load a built-in dataset split ("train", "test" or "all"); with `max_items`, its first items only.
 
     Raises ZooError for an unknown name or split, or a missing package.
     """
     loader = _DATASETS.get(name)
     if loader is None:
         raise ZooError(f"unknown dataset '{name}'; available datasets: {', '.join(list_datasets())}")
+    if max_items is not None and max_items < 1:
+        raise ZooError(f"dataset '{name}': max_items must be >= 1, got {max_items}")
     dataset = loader(split)
+    if max_items is not None:
+        dataset = head(dataset, max_items)
     log.debug("loaded dataset %s[%s]: %d items", name, split, len(dataset))
     return dataset
 

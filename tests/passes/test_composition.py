@@ -27,10 +27,15 @@ DID_WORK = {
     "binarize": lambda s: len(s["binarized"]) > 0,
     "binarize,xnor-mst": lambda s: s["mst_bitops_per_sample"] < s["dense_bitops_per_sample"],
     "distill{steps=2,lr=1e-3}": lambda s: s["steps"] == 2 and s["trained_params"] > 0,
+    "prune-width{heads=2,mlp=64}": lambda s: s["removed_params"] > 0 and
+    all(e == {"heads": "4->2", "mlp": "128->64", "removed_heads": e["removed_heads"]} for e in s["layers"].values()),
+    "prune-width{heads=2,mlp=32}": lambda s: s["removed_params"] > 0 and
+    all(e["heads"] == "4->2" and e["mlp"] == "64->32" for e in s["layers"].values()),
 }
 VIT_PASSES = ["merge-tokens{r=4}", "remove-layers{count=1}", "share-weights{group=2}", "binarize",
-              "binarize,xnor-mst"]
-LLAMA_PASSES = ["remove-layers{count=1}", "share-weights{group=2}", "distill{steps=2,lr=1e-3}"]
+              "binarize,xnor-mst", "prune-width{heads=2,mlp=64}"]
+LLAMA_PASSES = ["remove-layers{count=1}", "share-weights{group=2}", "distill{steps=2,lr=1e-3}",
+                "prune-width{heads=2,mlp=32}"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,9 @@ def check_second_did_work(result, second: str) -> None:
 
 
 # Orders that cannot work say so precisely, before doing anything.
-REFUSED = {("binarize,xnor-mst", "share-weights{group=2}"): "run share-weights before xnor-mst"}
+REFUSED = {("binarize,xnor-mst", "share-weights{group=2}"): "run share-weights before xnor-mst",
+           ("binarize", "prune-width{heads=2,mlp=64}"): "op fxpress.binary_linear.default has no coupling rule",
+           ("binarize,xnor-mst", "prune-width{heads=2,mlp=64}"): "has no coupling rule"}
 
 
 @pytest.mark.parametrize("first,second", [p for p in itertools.permutations(VIT_PASSES, 2)

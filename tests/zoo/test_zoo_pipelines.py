@@ -17,7 +17,7 @@ MODELS = ["vit-mnist", "cnn-digits", "bnn-digits", "minilm",
 def test_cleanup_pipeline_preserves_outputs_and_is_idempotent(zoo_model, name):
     model = zoo_model(name)
     graph = fxpress.capture(model.module, model.example_inputs, dynamic=model.dynamic_dims)
-    ctx = PassContext(calibration=calibration_batches(model, count=2))
+    ctx = PassContext(calibration=calibration_batches(model, count=2, batch_size=2))
     manager = PassManager(CLEANUP, [VerifyAfterPass(), NumericCheck()])
     first = manager.run(graph, ctx)
     for batch in ctx.calibration:

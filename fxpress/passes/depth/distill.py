@@ -14,7 +14,11 @@ Recovery after depth compression.  The loss on each calibration batch is
 Trained: every tensor the residual blocks read (shared tensors stay shared:
 they are one tensor, trained once) and the 1-D tensors outside the blocks
 (the final norm); embeddings and heads stay frozen and shared with the
-input graph.  Trained tensors are fresh clones: the input graph and the
+input graph.  Sparsity masks a pruning pass left on the graph
+(`Graph.masks`) are re-applied after every step, so pruned weights stay
+zero.  ``task_weight > 0`` adds the task loss (`PassContext.task_loss`: an
+encoder's contrastive retrieval loss on paired batches, next-token
+cross-entropy for LMs) to the distillation loss.  Trained tensors are fresh clones: the input graph and the
 user's model are never written.  AdamW, ``steps`` steps cycling through the
 batches, with a progress bar from ``ctx.progress``.
 """
@@ -32,7 +36,7 @@ from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, find_bl
 from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
-from fxpress.passes.depth.remove_layers import looks_like_lm
+from fxpress.passes.infra.losses import looks_like_lm
 
 
 def output_kd(student: torch.Tensor, teacher: torch.Tensor, batch: tuple) -> torch.Tensor:
@@ -117,10 +121,11 @@ class Distill(Pass):
     tail: int = 2  # match the last `tail` blocks' hidden states; 0 = logit KD only
     hidden_weight: float = 1.0
     max_batches: int = 8
+    task_weight: float = 0.0  # weight of the task loss (ctx.task_loss) added to the distillation loss
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1:
-            raise self.bad_option("steps and tail must be >= 0, lr > 0, max_batches >= 1")
+        if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1 or self.task_weight < 0:
+            raise self.bad_option("steps, tail and task_weight must be >= 0, lr > 0, max_batches >= 1")
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         ctx.require_teacher(self.name)
@@ -136,39 +141,51 @@ class Distill(Pass):
             return PassResult(graph, modified=False, stats={"steps": 0, "reason": "steps=0: nothing to train"})
         stack = ctx.analyses.get(graph, MainBlockStack)
         student = graph.copy()
-        params = clone_for_training(student, trainable_paths(student, stack))
+        paths = trainable_paths(student, stack)
+        params = clone_for_training(student, paths)
+        masks = [(student.attribute(p), m) for p, m in student.masks.items() if p in paths]
         targets = [teacher_targets(teacher, b, stack.prefix if stack else "", self.tail) for b in batches]
-        losses = self._train(student, stack, params, batches, targets, ctx)
+        losses = self._train(student, stack, params, masks, batches, targets, ctx)
         window = max(1, min(len(batches), self.steps // 2))  # mean loss over a pass of the batches
         for param in params:
             param.grad = None
         student.annotate()
         return PassResult(student, modified=True, preserved=(MainBlockStack,), stats={
             "steps": self.steps, "tail": self.tail, "trained_params": sum(p.numel() for p in params),
+            "masked_params": len(masks),
             "loss_first": round(_mean(losses[:window]), 6), "loss_last": round(_mean(losses[-window:]), 6)})
 
-    def _loss(self, student: Graph, stack: BlockStack | None, batch: tuple, target: tuple) -> torch.Tensor:
+    def _loss(self, student: Graph, stack: BlockStack | None, batch: tuple, target: tuple,
+              ctx: PassContext) -> torch.Tensor:
         teacher_out, teacher_hidden = target
         if not teacher_hidden:
-            return output_kd(student.module(*batch), teacher_out, batch)
-        runner = BlockRunner(student, stack, record=True)
-        output = runner(*batch)
-        count = min(len(teacher_hidden), len(stack))
-        hidden = [runner.outputs[p] for p in range(len(stack))][-count:]
-        matched = sum(normalized_mse(*comparable(s, t)) for s, t in zip(hidden, teacher_hidden[-count:])) / count
-        return output_kd(output, teacher_out, batch) + self.hidden_weight * matched
+            output = student.module(*batch)
+            loss = output_kd(output, teacher_out, batch)
+        else:
+            runner = BlockRunner(student, stack, record=True)
+            output = runner(*batch)
+            count = min(len(teacher_hidden), len(stack))
+            hidden = [runner.outputs[p] for p in range(len(stack))][-count:]
+            matched = sum(normalized_mse(*comparable(s, t)) for s, t in zip(hidden, teacher_hidden[-count:])) / count
+            loss = output_kd(output, teacher_out, batch) + self.hidden_weight * matched
+        if self.task_weight:
+            loss = loss + self.task_weight * ctx.task_loss(output, batch, teacher_out)
+        return loss
 
-    def _train(self, student: Graph, stack: BlockStack | None, params: list, batches: list, targets: list,
-               ctx: PassContext) -> list[float]:
+    def _train(self, student: Graph, stack: BlockStack | None, params: list, masks: list, batches: list,
+               targets: list, ctx: PassContext) -> list[float]:
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
         losses = []
         for step in ctx.progress.track(range(self.steps), "distill", total=self.steps):
             index = step % len(batches)
             with torch.enable_grad():
-                loss = self._loss(student, stack, batches[index], targets[index])
+                loss = self._loss(student, stack, batches[index], targets[index], ctx)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)  # frozen tensors get no .grad
             for param, grad in zip(params, grads):
                 param.grad = grad
             optimizer.step()
+            with torch.no_grad():
+                for tensor, keep in masks:
+                    tensor.mul_(keep.to(tensor.dtype))
             losses.append(float(loss.detach()))
         return losses

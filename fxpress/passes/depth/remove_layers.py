@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,22 +39,6 @@ Metric = Literal["angular", "cosine", "ppl", "gate", "last", "random"]
 DEFAULT_RATIO = 0.25
 GATE_STEP = 0.1  # largest gate change per step
 POLARIZE = 0.1  # weight of the polarizing term against the normalized task gradient
-
-
-def looks_like_lm(batch: tuple, output: Any) -> bool:
-    """Integer (B, S) input ids and (B, S, V) logits with every id < V: a causal LM's next-token task."""
-    ids = batch[0] if batch else None
-    return (isinstance(ids, torch.Tensor) and isinstance(output, torch.Tensor) and not ids.is_floating_point()
-            and ids.dim() == 2 and output.dim() == 3 and tuple(output.shape[:2]) == tuple(ids.shape)
-            and int(ids.max()) < output.shape[-1])
-
-
-def task_loss(output: torch.Tensor, batch: tuple, reference: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy for causal-LM logits; else squared error relative to `reference`."""
-    if looks_like_lm(batch, reference):
-        ids = batch[0]
-        return F.cross_entropy(output[:, :-1].reshape(-1, output.shape[-1]).float(), ids[:, 1:].reshape(-1))
-    return ((output - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-12)
 
 
 def _angular_scores(graph: Graph, stack: BlockStack, batches: list[tuple], metric: str, ctx) -> list[float]:
@@ -82,14 +66,14 @@ def _skip_scores(graph: Graph, stack: BlockStack, batches: list[tuple], ctx) -> 
                 recorded.clear()
                 runner = BlockRunner(graph, stack, record=True)
                 full = runner(*batch)
-                recorded[b] = (runner, full, float(task_loss(full, batch, full)))
+                recorded[b] = (runner, full, float(ctx.task_loss(full, batch, full)))
             runner, full, base = recorded[b]
             skipping = BlockRunner(graph, stack, skip=[position])
             try:
                 out = skipping.resume(position, runner.skeleton, runner.inputs[position])
             except ValueError:
                 out = skipping(*batch)
-            totals[position] += (float(task_loss(out, batch, full)) - base) / len(batches)
+            totals[position] += (float(ctx.task_loss(out, batch, full)) - base) / len(batches)
     return totals
 
 
@@ -130,7 +114,7 @@ def _gate_scores(graph: Graph, stack: BlockStack, batches: list[tuple], count: i
         batch, reference = batches[step % len(batches)], references[step % len(batches)]
         runner = BlockRunner(graph, stack, transform=lambda p, x, y: x + gates[p] * (y - x))
         with torch.enable_grad():
-            loss = task_loss(runner(*batch), batch, reference)
+            loss = ctx.task_loss(runner(*batch), batch, reference)
             (task_grad,) = torch.autograd.grad(loss, [gates])
         with torch.no_grad():
             direction = task_grad / task_grad.abs().max().clamp_min(1e-12)

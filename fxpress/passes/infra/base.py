@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 
 from fxpress.analysis.manager import AnalysisCache
 from fxpress.errors import OptionError, PreconditionError
 from fxpress.ir.graph import Graph
+from fxpress.passes.infra.losses import default_task_loss
 from fxpress.passes.infra.registry import format_pass
 
 
@@ -66,6 +67,10 @@ class PassContext:
     device: str = "cpu"
     progress: Progress = field(default_factory=NullProgress)
     analyses: AnalysisCache = field(default_factory=AnalysisCache)  # shared, cached analyses
+    # The task loss `loss(output, batch) -> scalar tensor` that importance scores, gradients and
+    # distillation use; None = the default (next-token cross-entropy for causal-LM logits).  Encoders
+    # set a retrieval loss here (fxpress.training.losses.contrastive_loss on paired batches).
+    loss: Callable[[Any, tuple], torch.Tensor] | None = None
 
     def batches(self, graph: Graph) -> list[tuple]:
         """Calibration batches, or the graph's example inputs when none were given."""
@@ -82,6 +87,19 @@ class PassContext:
             raise PreconditionError("needs a teacher model; set PassContext(teacher=...) to the "
                                     "original model or graph", pass_name)
         return self.teacher
+
+    def task_loss(self, output: Any, batch: tuple, reference: Any = None) -> torch.Tensor:
+        """The task loss of `output` on `batch`: `self.loss` when set, else next-token cross-entropy for
+        causal-LM logits or the error relative to `reference` (the unmodified model's output)."""
+        if self.loss is not None:
+            return self.loss(output, batch)
+        return default_task_loss(output, batch, reference)
+
+    @property
+    def has_task_loss(self) -> bool:
+        """Whether gradients of a real task exist here (a set loss, or LM logits): a loss relative to the
+        model's own output has zero gradient at the model."""
+        return self.loss is not None
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
