@@ -44,6 +44,11 @@ Workarounds for transformers 5.24 (said once here, in the report too):
 4. Head pruning only happens in a scope whose width ratio is above 0, so the
    ``q_proj`` of each layer gets a width ratio in ``pruning_ratio_dict``; with
    ``prune_head_dims=False`` no head dimension is removed by it.
+5. Two TP bugs in the check made before a group is pruned (details in
+   ``_patch_group_check``): duplicated k/v indices after ``repeat_kv`` made
+   every KV-group removal fail silently, and a GQA layer pruned to one query
+   head per KV group stopped being treated as GQA and was silently skipped.
+   The check is wrapped on the pruner's DependencyGraph instance.
 
 Ratios are passed as ``(removed - 0.5) / total`` so TP's ``int``/``ceil``
 rounding lands on the exact target counts.
@@ -151,6 +156,8 @@ def _run_pruner(hf_model: nn.Module, calibration, criterion: Criterion, *, inter
             in_channel_groups={},
             out_channel_groups={},
             forward_fn=lambda model, ids: model(input_ids=ids, use_cache=False).logits,
+            # RMSNorm weights: TP asks for their channel dim (the hidden size, never pruned here)
+            unwrapped_parameters=[(p, 0) for p in hf_model.parameters() if p.dim() == 1],
         )
     _patch_group_check(pruner, keep_kv or set())
     pruner.step()

@@ -31,11 +31,12 @@ DID_WORK = {
     all(e == {"heads": "4->2", "mlp": "128->64", "removed_heads": e["removed_heads"]} for e in s["layers"].values()),
     "prune-width{heads=2,mlp=32}": lambda s: s["removed_params"] > 0 and
     all(e["heads"] == "4->2" and e["mlp"] == "64->32" for e in s["layers"].values()),
+    "prune-obs{sparsity=0.5,score=magnitude}": lambda s: abs(s["sparsity"] - 0.5) < 0.01 and s["layers"],
 }
 VIT_PASSES = ["merge-tokens{r=4}", "remove-layers{count=1}", "share-weights{group=2}", "binarize",
               "binarize,xnor-mst", "prune-width{heads=2,mlp=64}"]
 LLAMA_PASSES = ["remove-layers{count=1}", "share-weights{group=2}", "distill{steps=2,lr=1e-3}",
-                "prune-width{heads=2,mlp=32}"]
+                "prune-width{heads=2,mlp=32}", "prune-obs{sparsity=0.5,score=magnitude}"]
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,9 @@ CASES = [
     Case("binarize", "float-net", "binarize"),
     Case("xnor-mst", "float-net", "xnor-mst", setup="binarize"),
     Case("tail-drop", "token-coder", "tail-drop{keep=2}"),
+    Case("prune-width", "vit", "prune-width{heads=1,mlp=16,importance=magnitude}"),
+    Case("sparse-kernels", "vit", "sparse-kernels{form=block}",
+         setup="prune-obs{sparsity=0.75,block=4x1,score=magnitude}"),
 ]
 
 

@@ -21,7 +21,8 @@ layer reading the residual stream for hidden channels):
   residual stream (activation times the reader's columns);
 - ``taylor``: |sum of w * dL/dw| over the unit's parameter slices
   (first-order change of the task loss `ctx.task_loss` when it goes);
-- ``magnitude``: the L2 norm of the unit's parameter slices (no data).
+- ``magnitude``: the L2 norm of the unit's parameter slices (no data);
+- ``random``: seeded by ``ctx.seed`` (the baseline every criterion must beat).
 
 Per-token scores are aggregated over batch and sequence by ``aggregation``:
 ``mean``, ``l2`` (root mean square) or ``var`` (variance).  The result is a
@@ -49,7 +50,7 @@ from fxpress.passes.infra.losses import looks_like_lm
 from fxpress.passes.infra.registry import register_pass
 from fxpress.passes.width.shrink import shrink
 
-Importance = Literal["activation", "contribution", "taylor", "magnitude"]
+Importance = Literal["activation", "contribution", "taylor", "magnitude", "random"]
 Aggregation = Literal["mean", "l2", "var"]
 
 
@@ -151,6 +152,9 @@ class PruneWidth(Pass):
     def _scored(self, graph: Graph, ctx: PassContext, families: list[UnitFamily]) -> dict[int, torch.Tensor]:
         if self.importance == "magnitude":
             return {id(f): self._magnitude(graph, f) for f in families}
+        if self.importance == "random":
+            generator = ctx.generator()
+            return {id(f): torch.rand(f.size, generator=generator, dtype=torch.float64) for f in families}
         if self.importance == "taylor":
             return self._taylor(graph, ctx, families)
         return self._activation(graph, ctx, families)

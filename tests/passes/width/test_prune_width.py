@@ -103,7 +103,7 @@ def test_removed_neurons_equal_zeroed_down_proj_columns(tiny):
     torch.testing.assert_close(result.graph(*x), reference(*x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("importance", ["activation", "contribution", "taylor", "magnitude"])
+@pytest.mark.parametrize("importance", ["activation", "contribution", "taylor", "magnitude", "random"])
 def test_every_importance_prunes_and_keeps_the_input_graph(tiny, importance):
     model, graph, batches = tiny
     before = {k: v.clone() for k, v in graph.referenced_tensors().items()}
