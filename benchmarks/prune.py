@@ -5,10 +5,11 @@
 
 MiniLM (stdlib-docs test MRR over ``--max-items`` query/document pairs):
 prune-obs at 50/70/80/90% sparsity (--quick: 70/80) by oBERT (unstructured
-``block=1`` and ``block=4x1``), magnitude and diagonal Fisher (--quick: no
-Fisher), all on the contrastive task loss and the same calibration batches;
-``metric_ci`` is the paired-bootstrap 95% interval of MRR(row) - MRR(magnitude)
-at the same sparsity.  Width rows: prune-width{mlp=768} by activation, taylor
+``block=1`` and ``block=4x1``), magnitude (both forms) and diagonal Fisher
+(--quick: no Fisher), all on the contrastive task loss and the same
+calibration batches; ``metric_ci`` is the paired-bootstrap 95% interval of
+MRR(row) - MRR(unstructured magnitude) at the same sparsity (the check lines
+also compare obs-4x1 with magnitude-4x1).  Width rows: prune-width{mlp=768} by activation, taylor
 and magnitude (equal params; interval against magnitude).  One latency row:
 90% 4x1 oBERT blocks through sparse-kernels, sparse/dense thread CPU time on
 the native compiled path (benchmarks/sparse_speed.measure), bytes of the
@@ -65,6 +66,7 @@ OBS_METHODS = {  # method -> prune-obs options besides sparsity
     "obs": "block=1,score=obs",
     "obs-4x1": "block=4x1,score=obs",
     "magnitude": "block=1,score=magnitude",
+    "magnitude-4x1": "block=4x1,score=magnitude",
     "fisher-diag": "block=1,score=fisher-diag",
 }
 SMOL_TARGETS = {"mlp=1024": "mlp=1024", "heads=6": "heads=6", "mlp=1024,heads=6": "mlp=1024,heads=6"}
@@ -74,7 +76,7 @@ SMOL_METHODS = ("activation", "random", "tp-magnitude", "tp-taylor", "remove-lay
 @dataclass
 class Settings:
     sparsities: tuple[float, ...] = (0.5, 0.7, 0.8, 0.9)
-    obs_methods: tuple[str, ...] = ("obs", "obs-4x1", "magnitude", "fisher-diag")
+    obs_methods: tuple[str, ...] = ("obs", "obs-4x1", "magnitude", "magnitude-4x1", "fisher-diag")
     width_importances: tuple[str, ...] = ("activation", "taylor", "magnitude")
     max_items: int = 400
     encoder_batches: int = 16  # calibration batches (8 pairs) = gradients for prune-obs
@@ -85,9 +87,11 @@ class Settings:
     rounds: int = 5
     models: tuple[str, ...] = ("minilm", "smollm2")
     notes: list[str] = field(default_factory=list)  # acceptance / check lines printed after the table
+    ranks: dict = field(default_factory=dict)  # (method, target) -> MiniLM per-query reciprocal ranks
 
 
-QUICK = dict(sparsities=(0.7, 0.8), obs_methods=("obs", "obs-4x1", "magnitude"), max_items=200, encoder_batches=8,
+QUICK = dict(sparsities=(0.7, 0.8), obs_methods=("obs", "obs-4x1", "magnitude", "magnitude-4x1"), max_items=200,
+             encoder_batches=8,
              smol_targets=("mlp=1024,heads=6",), lm_batches=4, eval_blocks=16, distill_steps=8, rounds=3)
 
 
@@ -149,6 +153,7 @@ def minilm_rows(settings: Settings) -> list[dict]:
                      time.perf_counter() - started)
         reference = scored["magnitude"][1]
         for method, (pruned, method_ranks) in scored.items():
+            settings.ranks[method, f"sparsity={sparsity}"] = method_ranks
             ci = None if method == "magnitude" else interval(method_ranks, reference)[1]
             rows.append(make_row("minilm", method, f"sparsity={sparsity}", graph, pruned, latency_ratio=None,
                                  metric=float(method_ranks.mean()), metric_ci=ci))
@@ -178,7 +183,7 @@ def minilm_latency_row(settings: Settings, graph: fxpress.Graph, ctx: PassContex
     pruned = PassManager(f"prune-obs{{sparsity=0.9,block=4x1,score=obs,num_grads={grads}}}").run(graph, ctx).graph
     run = PassManager("sparse-kernels").run(pruned, PassContext())
     sparse = run.graph
-    timed = measure(pruned, sparse, ctx.calibration[0], rounds=settings.rounds, paths=("native",))
+    timed = measure(pruned, sparse, ctx.calibration[0], rounds=settings.rounds, paths=("native",), calls=5)
     native = timed["native"]
     log.info("minilm 90%% 4x1 + sparse-kernels: %d linears, native %.2f -> %.2f ms, max err %.2g, bytes x%.3f",
              run.reports[-1].stats.get("replaced", -1), native["dense_ms"], native["sparse_ms"],
@@ -278,18 +283,19 @@ def export_check(settings: Settings, source, hf, graph: fxpress.Graph, ids: torc
 
 # -- report ------------------------------------------------------------------------------------------------
 
-def acceptance(rows: list[dict]) -> list[str]:
+def acceptance(rows: list[dict], ranks: dict) -> list[str]:
     """oBERT vs magnitude at 70/80% (>= 0.05 MRR, interval above 0); latency cut >= 0.8 x MAC cut for width."""
     lines = []
-    for r in rows:
-        if r["model"] == "minilm" and r["method"] in ("obs", "obs-4x1") and r["target"] in ("sparsity=0.7",
-                                                                                             "sparsity=0.8"):
-            magnitude = next(m for m in rows if m["method"] == "magnitude" and m["target"] == r["target"])
-            diff = r["metric"] - magnitude["metric"]
-            ok = diff >= 0.05 and r["metric_ci"][0] > 0
-            lines.append(f"{'PASS' if ok else 'FAIL'} minilm {r['method']} {r['target']}: MRR {r['metric']:.3f} vs "
-                         f"magnitude {magnitude['metric']:.3f}, diff {diff:+.3f} (95% CI {r['metric_ci'][0]:+.3f}.."
-                         f"{r['metric_ci'][1]:+.3f}); needs >= +0.05 and CI above 0")
+    minilm = {(r["method"], r["target"]): r for r in rows if r["model"] == "minilm"}
+    for (method, target), r in minilm.items():
+        baseline = {"obs": "magnitude", "obs-4x1": "magnitude-4x1"}.get(method)
+        if baseline is None or target not in ("sparsity=0.7", "sparsity=0.8") or (baseline, target) not in minilm:
+            continue
+        diff, ci = interval(ranks[method, target], ranks[baseline, target])
+        ok = diff >= 0.05 and ci[0] > 0
+        lines.append(f"{'PASS' if ok else 'FAIL'} minilm {method} {target}: MRR {r['metric']:.3f} vs {baseline} "
+                     f"{minilm[baseline, target]['metric']:.3f}, diff {diff:+.3f} (95% CI {ci[0]:+.3f}..{ci[1]:+.3f}); "
+                     "needs >= +0.05 and CI above 0")
     seen = set()
     for r in rows:
         key = (r["model"], r["target"], r["latency_ratio"])
@@ -330,16 +336,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         sparse = model == "minilm"
-        methods = sorted({r["method"] for r in rows if r["model"] == model and r["method"] != "dense"})
-        for method in methods:
-            points = sorted((r["nnz_ratio"] if sparse else r["params_ratio"], r["metric"])
-                            for r in rows if r["model"] == model and r["method"] == method)
-            ax.plot(*zip(*points), marker="o", label=method)
-            if not sparse:
-                after = sorted((r["params_ratio"], r["metric_distilled"]) for r in rows
-                               if r["model"] == model and r["method"] == method and r["metric_distilled"])
-                if after:
-                    ax.plot(*zip(*after), marker="x", linestyle="--", label=f"{method} + distill")
+        series = lambda r: r["method"].split("{")[0]  # noqa: E731  remove-layers{count=K} at every target
+        for color, method in enumerate(sorted({series(r) for r in rows if r["model"] == model} - {"dense"})):
+            chosen = [r for r in rows if r["model"] == model and series(r) == method]
+            points = sorted((r["nnz_ratio"] if sparse else r["params_ratio"], r["metric"]) for r in chosen)
+            ax.plot(*zip(*points), marker="o", color=f"C{color % 10}", label=method)
+            after = sorted((r["params_ratio"], r["metric_distilled"]) for r in chosen if r["metric_distilled"])
+            if after:
+                ax.plot(*zip(*after), marker="x", linestyle="--", color=f"C{color % 10}", label=f"{method} + distill")
         dense = next((r for r in rows if r["model"] == model and r["method"] == "dense"), None)
         if dense:
             ax.axhline(dense["metric"], color="grey", linewidth=0.8, label="dense")
@@ -355,7 +359,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="70/80%% sparsity, 3 methods, one SmolLM2 target")
+    parser.add_argument("--quick", action="store_true",
+                        help="70/80%% sparsity, no Fisher, one SmolLM2 target (mlp=1024,heads=6), 8 distill steps")
     parser.add_argument("--json", type=Path, help="write {'rows': [...]} here")
     parser.add_argument("--plot", type=Path, help="write the params vs metric trade-off plot here (png)")
     parser.add_argument("--models", default="minilm,smollm2")
@@ -381,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if "smollm2" in settings.models:
         rows += smollm2_rows(settings)
     print_table(rows)
-    for line in acceptance(rows) + settings.notes:
+    for line in acceptance(rows, settings.ranks) + settings.notes:
         print(line)
     print(f"total time {time.perf_counter() - start:.0f} s ({'quick' if args.quick else 'full'}, "
           f"{args.threads} thread(s))")

@@ -141,17 +141,26 @@ def attention_units(graph: Graph, block: Block, pass_name: str | None = None) ->
     return found
 
 
-def mlp_units(graph: Graph, block: Block, exclude: set[str], pass_name: str | None = None) -> list[UnitFamily]:
-    """The MLP neuron families of one block (producers' rows + reader's columns), by the dimension flow."""
+def mlp_units(graph: Graph, block: Block, exclude: set[str], pass_name: str | None = None,
+              escaped: set[str] | None = None) -> list[UnitFamily]:
+    """The MLP neuron families of one block (producers' rows + reader's columns), by the dimension flow.
+
+    `escaped` collects the weights whose output channels couple beyond their block (o_proj, down_proj:
+    the residual stream); they are skipped in later blocks instead of being followed again."""
+    escaped = set() if escaped is None else escaped
     names = set(block.nodes)
     params = set(block.params)
     linears = _linear_weights(graph)
     families: dict[str, UnitFamily] = {}
     for path, linear in ((p, n) for p, nodes in linears.items() for n in nodes):
-        if linear.name not in names or path in exclude or any(path in f.params() for f in families.values()):
+        if linear.name not in names or path in exclude or path in escaped or \
+                any(path in f.params() for f in families.values()):
             continue
         size = shape_of(linear.args[1])[0]
         first = channel_group(graph, linear, 0, pass_name=pass_name)
+        if not set(first.params()) <= params:
+            escaped.update(s.path for s in first.slices if s.dim == 0)
+            continue
         reads = _readers(first, linears, names)
         touches_attention = bool(attention_cores(graph, {n.name for n, _ in first.masks}))
         if touches_attention or first.inputs or first.outputs or len(reads) != 1 or \
@@ -198,8 +207,9 @@ def block_units(graph: Graph, stack: BlockStack, pass_name: str | None = None
                 ) -> list[tuple[Block, list[AttentionUnits], list[UnitFamily]]]:
     """Per block: its attentions and MLP families."""
     found = []
+    escaped: set[str] = set()
     for block in stack.blocks:
         attentions = attention_units(graph, block, pass_name)
         taken = {p for a in attentions for p in a.heads.params()}
-        found.append((block, attentions, mlp_units(graph, block, taken, pass_name)))
+        found.append((block, attentions, mlp_units(graph, block, taken, pass_name, escaped)))
     return found

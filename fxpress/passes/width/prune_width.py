@@ -133,9 +133,8 @@ class PruneWidth(Pass):
             raise self.bad_option("max_batches must be >= 1")
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
-        if self.importance in ("activation", "contribution", "taylor"):
-            if self.importance == "taylor":
-                ctx.require_calibration(self.name)
+        if self.importance == "taylor":  # the others score on the example inputs when no calibration is given
+            ctx.require_calibration(self.name)
 
     # -- units and scores ------------------------------------------------------------------------
     def _families(self, graph: Graph, ctx: PassContext):

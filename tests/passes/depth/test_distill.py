@@ -58,3 +58,37 @@ def test_needs_teacher_and_calibration(setup):
     with pytest.raises(PipelineError):
         parse_pipeline("distill{steps=-1}")
     assert Distill(steps=0)(pruned, PassContext(calibration=calibration, teacher=graph)).modified is False
+
+
+def test_task_weight_adds_the_context_loss(setup):
+    """distill{task_weight=w} adds w * ctx.loss(output, batch) (an encoder's contrastive loss) to the KD loss."""
+    _, graph, pruned, calibration = setup
+    seen = []
+
+    def loss(output, batch):
+        seen.append(tuple(output.shape))
+        return output.float().pow(2).mean()
+
+    ctx = PassContext(calibration=calibration[:2], teacher=graph, loss=loss)
+    plain = Distill(steps=2, lr=1e-4, tail=0)(pruned, ctx)
+    assert seen == []  # task_weight=0: the context loss is not read
+    weighted = Distill(steps=2, lr=1e-4, tail=0, task_weight=0.5)(pruned, ctx)
+    assert len(seen) == 2 and seen[0][:2] == tuple(calibration[0][0].shape)
+    assert weighted.stats["loss_first"] > plain.stats["loss_first"]  # the added term is positive
+
+
+def test_masks_of_pruned_weights_stay_zero(setup):
+    """Graph.masks (left by a pruning pass) are re-applied after every step."""
+    _, graph, pruned, calibration = setup
+    path = "model.model.layers.1.mlp.up_proj.weight"
+    masked = pruned.copy()
+    keep = torch.rand(masked.attribute(path).shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    weight = masked.attribute(path)
+    owner, _, leaf = path.rpartition(".")
+    setattr(masked.module.get_submodule(owner), leaf, torch.nn.Parameter(weight.detach() * keep, requires_grad=False))
+    masked.masks[path] = keep
+    result = Distill(steps=3, lr=1e-2, tail=0)(masked, PassContext(calibration=calibration, teacher=graph))
+    trained = result.graph.attribute(path)
+    assert result.stats["masked_params"] == 1
+    assert torch.equal(trained[~keep], torch.zeros(int((~keep).sum())))
+    assert not torch.equal(trained[keep], weight.detach()[keep])  # the kept weights did train
