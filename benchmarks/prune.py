@@ -16,15 +16,16 @@ the native compiled path (benchmarks/sparse_speed.measure), bytes of the
 stored weights.
 
 SmolLM2-135M (perplexity on ``--blocks`` 64-token pydoc-topics test blocks):
-prune-width to mlp=1024, heads=6 and both (--quick: both) by activation and
-random, Torch-Pruning's group magnitude and group Taylor (benchmarks/peers,
+prune-width to mlp=1024, heads=6 and both (--quick: both) by activation
+(Minitron), contribution (each unit's output through the layer that reads
+it) and random, Torch-Pruning's group magnitude and group Taylor (benchmarks/peers,
 the same calibration batches), and remove-layers{metric=angular} with the
 block count that matches the params; each before and after the same distill
 budget (teacher = the dense graph).  ``metric_ci`` is the paired-bootstrap
 95% interval over blocks of the mean per-token NLL difference (nats, row
-minus activation at the same target).  ``latency_ratio``: pruned/dense eager
+minus contribution at the same target).  ``latency_ratio``: pruned/dense eager
 prefill, thread CPU time at 1 thread, interleaved rounds (one timing per
-architecture).  The activation row of the combined target is exported with
+architecture).  The contribution row of the last target is exported with
 fxpress.export.hf and reloaded; its logits are compared with the graph's.
 
 Rows (``--json``): model, method, target, params_ratio (stored params),
@@ -70,7 +71,8 @@ OBS_METHODS = {  # method -> prune-obs options besides sparsity
     "fisher-diag": "block=1,score=fisher-diag",
 }
 SMOL_TARGETS = {"mlp=1024": "mlp=1024", "heads=6": "heads=6", "mlp=1024,heads=6": "mlp=1024,heads=6"}
-SMOL_METHODS = ("activation", "random", "tp-magnitude", "tp-taylor", "remove-layers")
+SMOL_METHODS = ("activation", "contribution", "random", "tp-magnitude", "tp-taylor", "remove-layers")
+REFERENCE = "contribution"  # the activation-based criterion the SmolLM2 intervals are taken against
 
 
 @dataclass
@@ -226,8 +228,8 @@ def smollm2_rows(settings: Settings) -> list[dict]:
     log.info("smollm2 dense: ppl %.3f on %d blocks", rows[0]["metric"], len(blocks))
     for target in settings.smol_targets:
         options = SMOL_TARGETS[target]
-        pruned = {"activation": PassManager(f"prune-width{{{options},importance=activation}}").run(graph, ctx).graph,
-                  "random": PassManager(f"prune-width{{{options},importance=random}}").run(graph, ctx).graph}
+        pruned = {importance: PassManager(f"prune-width{{{options},importance={importance}}}").run(graph, ctx).graph
+                  for importance in ("activation", "contribution", "random")}
         log.info("smollm2 %s: prune-width done", target)
         widths = dict(item.split("=") for item in options.split(","))
         for criterion in ("magnitude", "taylor"):
@@ -236,18 +238,18 @@ def smollm2_rows(settings: Settings) -> list[dict]:
             pruned[f"tp-{criterion}"] = capture(CausalLMLogits(peer), f"smollm2-tp-{criterion}")
             log.info("smollm2 %s: torch-pruning %s done (params x%.4f)", target, criterion,
                      pruned[f"tp-{criterion}"].num_params / graph.num_params)
-        count = round((graph.num_params - pruned["activation"].num_params) / _layer_params(hf))
+        count = round((graph.num_params - pruned[REFERENCE].num_params) / _layer_params(hf))
         pruned["remove-layers"] = PassManager(f"remove-layers{{count={count},metric=angular}}").run(graph, ctx).graph
         log.info("smollm2 %s: remove-layers count=%d", target, count)
         rows += _smollm2_target_rows(settings, graph, ctx, blocks, target, pruned, distill, count)
         if target == settings.smol_targets[-1]:
-            export_check(settings, zoo.module, hf, pruned["activation"], blocks[:2], target)
+            export_check(settings, zoo.module, hf, pruned[REFERENCE], blocks[:2], target)
     return rows
 
 
 def _smollm2_target_rows(settings, graph, ctx, blocks, target, pruned, distill, count) -> list[dict]:
     inputs = ctx.calibration[0]
-    width_latency = eager_latency_ratio(graph, pruned["activation"], inputs, settings.rounds)
+    width_latency = eager_latency_ratio(graph, pruned[REFERENCE], inputs, settings.rounds)
     depth_latency = eager_latency_ratio(graph, pruned["remove-layers"], inputs, settings.rounds)
     nll = {method: block_nll(g, blocks) for method, g in pruned.items()}
     rows = []
@@ -255,7 +257,7 @@ def _smollm2_target_rows(settings, graph, ctx, blocks, target, pruned, distill, 
         started = time.perf_counter()
         distilled = PassManager(distill).run(g, ctx).graph
         ppl_distilled = math.exp(block_nll(distilled, blocks).mean())
-        ci = None if method == "activation" else interval(nll[method], nll["activation"])[1]
+        ci = None if method == REFERENCE else interval(nll[method], nll[REFERENCE])[1]
         name = f"remove-layers{{count={count}}}" if method == "remove-layers" else method
         rows.append(make_row("smollm2", name, target, graph, g,
                              latency_ratio=depth_latency if method == "remove-layers" else width_latency,
@@ -274,11 +276,11 @@ def export_check(settings: Settings, source, hf, graph: fxpress.Graph, ids: torc
             with torch.no_grad():
                 error = float((reloaded(input_ids=ids, use_cache=False).logits - graph(ids)).abs().max())
             ok = error <= 1e-4
-            settings.notes.append(f"{'PASS' if ok else 'FAIL'} smollm2 {target} activation: HF export reloads "
+            settings.notes.append(f"{'PASS' if ok else 'FAIL'} smollm2 {target} {REFERENCE}: HF export reloads "
                                   f"({reloaded.config.intermediate_size} mlp, {reloaded.config.num_attention_heads} "
                                   f"heads), max |logits diff| {error:.2g}")
         except Exception as err:  # noqa: BLE001 - a failed export is a result of the benchmark
-            settings.notes.append(f"FAIL smollm2 {target} activation: HF export failed: {type(err).__name__}: {err}")
+            settings.notes.append(f"FAIL smollm2 {target} {REFERENCE}: HF export failed: {type(err).__name__}: {err}")
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -296,6 +298,20 @@ def acceptance(rows: list[dict], ranks: dict) -> list[str]:
         lines.append(f"{'PASS' if ok else 'FAIL'} minilm {method} {target}: MRR {r['metric']:.3f} vs {baseline} "
                      f"{minilm[baseline, target]['metric']:.3f}, diff {diff:+.3f} (95% CI {ci[0]:+.3f}..{ci[1]:+.3f}); "
                      "needs >= +0.05 and CI above 0")
+    smol = {(r["method"], r["target"]): r for r in rows if r["model"] == "smollm2"}
+    for (method, target), r in smol.items():
+        if method != REFERENCE:
+            continue
+        rivals = {m: smol[m, target] for m in ("tp-magnitude", "tp-taylor") if (m, target) in smol}
+        for name, rival in rivals.items():
+            ok = r["metric"] < rival["metric"] and rival["metric_ci"] is not None and rival["metric_ci"][0] > 0
+            lines.append(f"{'PASS' if ok else 'FAIL'} smollm2 {target}: {REFERENCE} ppl {r['metric']:.1f} vs {name} "
+                         f"{rival['metric']:.1f} (per-block NLL diff CI {rival['metric_ci']})")
+        for m, row in smol.items():
+            if m[1] == target and row["metric_distilled"] is not None:
+                ok = row["metric_distilled"] < row["metric"]
+                lines.append(f"{'PASS' if ok else 'FAIL'} smollm2 {target} {m[0]}: distill lowers ppl "
+                             f"{row['metric']:.1f} -> {row['metric_distilled']:.1f}")
     seen = set()
     for r in rows:
         key = (r["model"], r["target"], r["latency_ratio"])
@@ -323,7 +339,7 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         print("  ".join(f"{_fmt(r[c]):>{widths[c]}}" for c in FIELDS))
     print("metric: minilm = stdlib-docs test MRR, smollm2 = pydoc-topics perplexity; metric_ci: 95% paired bootstrap"
-          " of the difference (minilm: MRR vs magnitude; smollm2: per-block NLL in nats vs activation)")
+          " of the difference (minilm: MRR vs magnitude; smollm2: per-block NLL in nats vs contribution)")
 
 
 def plot(rows: list[dict], path: Path) -> None:

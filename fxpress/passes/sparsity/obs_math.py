@@ -186,9 +186,11 @@ def obs_scores(weight: torch.Tensor, finv: torch.Tensor, q: int) -> torch.Tensor
     return (0.5 * (groups.transpose(1, 2) @ _group_inverses(finv, q) @ groups).reshape(-1)).float()
 
 
-def diagonal_fisher_scores(weight: torch.Tensor, mean_squares: torch.Tensor, q: int) -> torch.Tensor:
-    """The diagonal-Fisher baseline: sum over a group of w^2 * mean g^2."""
-    return (weight.reshape(-1) ** 2 * mean_squares.reshape(-1)).view(-1, q).sum(1)
+def diagonal_fisher_scores(weight: torch.Tensor, mean_squares: torch.Tensor, q: int,
+                           lam: float = 0.0) -> torch.Tensor:
+    """The diagonal-Fisher baseline: sum over a group of w^2 * (lam + mean g^2), the OBS score of the
+    dampened Fisher's diagonal (without lam, weights whose few gradients were zero go whatever their size)."""
+    return (weight.reshape(-1) ** 2 * (lam + mean_squares.reshape(-1))).view(-1, q).sum(1)
 
 
 def magnitude_scores(weight: torch.Tensor, q: int) -> torch.Tensor:

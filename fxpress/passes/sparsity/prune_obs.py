@@ -18,7 +18,8 @@ weight is scored with a second-order model of the task loss and the
   spreads each removed weight's error over the row's remaining weights.
   ``hessian=auto`` picks the Fisher unless its blocks would take more than
   ``fisher_budget_gb``.
-- ``score=fisher-diag`` (w^2 * mean g^2) and ``score=magnitude`` (w^2):
+- ``score=fisher-diag`` (w^2 * (lam + mean g^2), the dampened Fisher's
+  diagonal, same relative ``damp``) and ``score=magnitude`` (w^2):
   the baselines.
 
 ``block``: ``1`` single weights, ``4x1`` four consecutive output rows of
@@ -286,7 +287,8 @@ class PruneObs(Pass):
             finv = data.inverse(self.damp if self.damp is not None else DEFAULT_DAMP["fisher"])
             scores = obs_math.obs_scores(flat, finv, q)
         elif method == "fisher-diag":
-            scores = obs_math.diagonal_fisher_scores(flat, data.mean_squares(), q)
+            damp = self.damp if self.damp is not None else DEFAULT_DAMP["fisher"]
+            scores = obs_math.diagonal_fisher_scores(flat, data.mean_squares(), q, data.damping(damp))
         else:
             scores = obs_math.magnitude_scores(flat, q)
         groups_pruned = None if pruned is None else flatten_blocks(pruned, self.block).view(-1, q).any(1)
