@@ -16,6 +16,8 @@ from fxpress.cli.render import RichProgress, compare_table, console, human, pass
 from fxpress.errors import FxpressError
 from fxpress.ir import Graph, capture
 from fxpress.ir.numerics import compare_outputs
+from fxpress.ir.opinfo import op_qualname
+from fxpress.ops.sparse import SPARSE_LINEAR
 from fxpress.ir.printer import format_graph, write_dump
 from fxpress.passes import (DumpToDir, NumericCheck, PassContext, PassManager, PrintAfterPass,
                             VerifyAfterPass, registered_passes)
@@ -143,8 +145,12 @@ def run_on_native(model: ZooModel, graph: Graph, args) -> None:
     if not equal:
         raise FxpressError("native kernels disagree with the graph on calibration inputs; please report this")
     lowered = compiled.info.get("native_layers", [])
-    names = ", ".join(lowered) or "none (no binary layers: run binarize first)"
-    console.print(f"native: lowered {len(lowered)} binary layers ({names}); outputs identical", markup=False)
+    sparse = sum(1 for node in graph.fx.nodes if op_qualname(node.target) == op_qualname(SPARSE_LINEAR))
+    if lowered or not sparse:
+        names = ", ".join(lowered) or "none (no binary layers: run binarize first)"
+        console.print(f"native: lowered {len(lowered)} binary layers ({names}); outputs identical", markup=False)
+    if sparse:
+        console.print(f"native: {sparse} sparse linears run on the sparse C kernel; outputs identical", markup=False)
     if args.out:
         save_compiled(compiled, args.out, console)
 
