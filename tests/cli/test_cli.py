@@ -138,3 +138,11 @@ def test_run_native_target_on_binary_network():
     result = fxpress("run", "bnn-digits", "--pipeline", "binarize,xnor-mst", "--target", "native")
     assert result.returncode == 0, result.stderr
     assert "native: lowered 3 binary layers" in result.stdout and "outputs identical" in result.stdout
+
+
+def test_run_native_target_on_block_sparse_vit():
+    result = fxpress("run", "vit-mnist", "--pipeline",
+                     "prune-obs{sparsity=0.9,block=4x1,score=magnitude},sparse-kernels", "--target", "native")
+    assert result.returncode == 0, result.stderr
+    assert "sparse linears run on the sparse C kernel; outputs identical" in result.stdout
+    assert "binary layers" not in result.stdout
