@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
-from fxpress.utils.cbuild import build_library
+from fxpress.utils.cbuild import kernels_available, load_kernels
 from fxpress.errors import LoweringError
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("token_merge.c")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -26,21 +23,14 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The compiled token kernels with their ctypes signature set (built first if needed)."""
-    lib = ctypes.CDLL(str(build_library(SOURCE)))
-    lib.fxp_bipartite_merge.argtypes = [_P, _P, _P, _I, _I, _I, _I, ctypes.c_int, _P, _P]
-    lib.fxp_bipartite_merge.restype = ctypes.c_int
-    return lib
+    return load_kernels(SOURCE, {"fxp_bipartite_merge": ([_P, _P, _P, _I, _I, _I, _I, ctypes.c_int, _P, _P],
+                                                         ctypes.c_int)})
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernel builds and loads here (once per process; failures are logged, not raised)."""
-    try:
-        library()
-    except (LoweringError, OSError) as err:
-        log.info("fused merge_tokens kernel unavailable, using the torch path: %s", err)
-        return False
-    return True
+    return kernels_available(library, "fused merge_tokens kernel")
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor | None, scores: torch.Tensor, r: int,

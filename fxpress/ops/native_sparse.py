@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from fxpress.errors import LoweringError
-from fxpress.utils.cbuild import build_library
-
-log = logging.getLogger(__name__)
+from fxpress.utils.cbuild import kernels_available, load_kernels
 
 SOURCE = Path(__file__).with_name("sparse_linear.c")
 LEVELS = {"best": 0, "scalar": 1, "avx2": 2, "avx512": 3}
@@ -28,23 +25,15 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 @functools.lru_cache(maxsize=None)
 def library() -> ctypes.CDLL:
     """The compiled sparse kernels with their ctypes signatures set (built first if needed)."""
-    lib = ctypes.CDLL(str(build_library(SOURCE)))
-    lib.fxp_sparse_linear.argtypes = [_P, _I, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int, _P]
-    lib.fxp_sparse_linear.restype = ctypes.c_int
-    lib.fxp_sparse_simd_level.argtypes = []
-    lib.fxp_sparse_simd_level.restype = ctypes.c_int
-    return lib
+    return load_kernels(SOURCE, {
+        "fxp_sparse_linear": ([_P, _I, _I, _P, _P, _P, _P, _I, _I, ctypes.c_int, _P], ctypes.c_int),
+        "fxp_sparse_simd_level": ([], ctypes.c_int)})
 
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernel builds and loads here (once per process; failures are logged, not raised)."""
-    try:
-        library()
-    except (LoweringError, OSError) as err:
-        log.info("sparse_linear kernel unavailable, using the torch path: %s", err)
-        return False
-    return True
+    return kernels_available(library, "sparse_linear kernel")
 
 
 def simd_level() -> str:

@@ -10,11 +10,14 @@ refused, the portable flags are tried before giving up with a
 LoweringError that says what to install.  `FXPRESS_NATIVE_PORTABLE=1`
 builds without `-march=native` (scalar popcount; for mixed machines).
 
-The binary kernels (`fxpress/backends/native/binary_kernels.c`) and the fused token merge
-(`fxpress/ops/token_merge.c`) are built this way.
+The binary kernels (`fxpress/backends/native/binary_kernels.c`), the fused token merge
+(`fxpress/ops/token_merge.c`) and the sparse linear (`fxpress/ops/sparse_linear.c`) are built this
+way; `load_kernels` loads one with its ctypes signatures and `kernels_available` answers whether an
+optional kernel works here (the op then falls back to PyTorch).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -24,6 +27,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from fxpress.errors import LoweringError
 from fxpress.utils.cache import cache_root
@@ -114,3 +118,23 @@ def build_library(source: Path, force: bool = False) -> Path:
         if force or not target.is_file():
             _compile(compiler, target, source)
     return target
+
+
+def load_kernels(source: Path, signatures: dict[str, tuple[list, Any]]) -> ctypes.CDLL:
+    """The library built from `source` (first if needed), each named function given its
+    (argtypes, restype)."""
+    lib = ctypes.CDLL(str(build_library(source)))
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
+def kernels_available(load: Callable[[], object], what: str) -> bool:
+    """Whether `load()` builds and loads an optional kernel here; a failure is logged, not raised."""
+    try:
+        load()
+    except (LoweringError, OSError) as err:
+        log.info("%s unavailable, using the torch path: %s", what, err)
+        return False
+    return True

@@ -10,7 +10,7 @@ from fxpress.ops import native_sparse, sparse
 from fxpress.ops.sparse import SPARSE_LINEAR, compress_weight, decompress
 
 torch.set_num_threads(1)
-needs_kernel = pytest.mark.skipif(not native_sparse.available(), reason="no C compiler for the sparse kernel")
+needs_kernel = pytest.mark.skipif(not native_sparse.available(), reason="no C compiler for the sparse kernel: apt-get install gcc (or set CC)")
 SHAPES = [(1536, 384, 28), (384, 1536, 5), (384, 384, 33), (7, 5, 3), (9, 13, 17), (13, 8, 1)]
 
 
