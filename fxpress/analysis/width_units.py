@@ -198,11 +198,6 @@ def hidden_units(graph: Graph, pass_name: str | None = None) -> UnitFamily:
                       [(linear, [[c] for c in range(size)]) for linear, _ in readers])
 
 
-def norm_nodes(graph: Graph) -> list[Node]:
-    """Nodes whose op is a normalization (their outputs are what Minitron scores hidden channels by)."""
-    return [n for n in graph.fx.nodes if n.op == "call_function" and getattr(op_info(n.target), "category", "") == "norm"]
-
-
 def block_units(graph: Graph, stack: BlockStack, pass_name: str | None = None
                 ) -> list[tuple[Block, list[AttentionUnits], list[UnitFamily]]]:
     """Per block: its attentions and MLP families."""

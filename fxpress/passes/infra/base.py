@@ -95,12 +95,6 @@ class PassContext:
             return self.loss(output, batch)
         return default_task_loss(output, batch, reference)
 
-    @property
-    def has_task_loss(self) -> bool:
-        """Whether gradients of a real task exist here (a set loss, or LM logits): a loss relative to the
-        model's own output has zero gradient at the model."""
-        return self.loss is not None
-
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 

@@ -22,7 +22,6 @@ names the node.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch.fx import Node
