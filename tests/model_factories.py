@@ -108,12 +108,12 @@ class SequenceLinearBn(nn.Module):
 
 
 class PlainMlp(nn.Module):
-    """Nothing for either cleanup pass to do."""
+    """linear-relu-linear, seeded: nothing for either cleanup pass to do, no residual blocks."""
 
-    def __init__(self):
+    def __init__(self, inputs: int = 8, hidden: int = 16, outputs: int = 4):
         super().__init__()
         torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.fc1, self.fc2 = nn.Linear(inputs, hidden), nn.Linear(hidden, outputs)
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1(x)))

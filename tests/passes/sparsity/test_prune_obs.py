@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_factories import snapshot, token_batches, unchanged
+from model_factories import PlainMlp, snapshot, token_batches, unchanged
 from torch import nn
 
 import fxpress
@@ -25,16 +25,9 @@ def llama(tiny_llama_graph):
     return model, graph, token_batches(8)
 
 
-class Mlp(nn.Module):
+def Mlp() -> nn.Module:
     """No residual blocks; a 6-output layer (not a multiple of 4) and a 30-weight layer."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
+    return PlainMlp(8, 6, 5)
 
 
 @pytest.fixture(scope="module")
