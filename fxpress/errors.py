@@ -69,6 +69,10 @@ class CalibrationError(FxpressError):
     """Calibration data does not fit the model's inputs."""
 
 
+class DataError(FxpressError):
+    """Evaluation or calibration data is missing, empty, unknown, or does not fit the model or its task."""
+
+
 class ZooError(FxpressError):
     """A zoo model or dataset is unknown or its package is missing."""
 

@@ -16,9 +16,18 @@ DEMO_MODEL = "vit-mnist"
 DEMO_PIPELINE = "fold-constants,fuse-batchnorm,merge-tokens{r=10,schedule=decreasing},dce"
 
 
+MODEL_HELP = ("zoo name (vit-mnist, minilm, smollm2, cnn-digits, bnn-digits), a Hugging Face model folder, "
+              "a .gguf file, or path/to/file.py:factory")
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=MODEL_HELP)
+    parser.add_argument("--task", help="task of a Hugging Face folder or GGUF file: causal-lm, classification or "
+                                       "embedding (default: from its config's architecture)")
+
+
 def _add_model(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="zoo name (vit-mnist, minilm, smollm2, cnn-digits, bnn-digits) "
-                                      "or path/to/file.py:factory")
+    _add_model_argument(parser)
     parser.add_argument("--static", action="store_true", help="capture with static shapes")
     parser.add_argument("--method", default="export", choices=("export", "symbolic_trace"))
 
@@ -31,7 +40,12 @@ def _add_pipeline_options(parser: argparse.ArgumentParser, pipeline_default: str
     parser.add_argument("--dump-dir", help="write 000_capture.txt, 001_<pass>.txt, ... here")
     parser.add_argument("--dump-format", default="txt", help="comma list of txt,dot,json,svg,png")
     parser.add_argument("--print-after", action="store_true", help="print the IR after every pass")
-    parser.add_argument("--calibration", type=int, default=4, help="calibration batches (0: none)")
+    parser.add_argument("--calibration", default="4", metavar="N|SOURCE",
+                        help="calibration data: N batches of the model's own training data (0: none; "
+                             "default 4), or a SOURCE: text:FILE (a UTF-8 text file, for causal LMs) or a "
+                             "dataset name (its train split), with --calibration-batches batches")
+    parser.add_argument("--calibration-batches", type=int, default=4, metavar="N",
+                        help="batches to draw from a --calibration SOURCE (default 4)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -57,12 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="cmd_dump")
 
     p = sub.add_parser("run", help="run a pass pipeline on MODEL and print the per-pass table")
-    p.add_argument("model", help="zoo name or path/to/file.py:factory")
+    _add_model_argument(p)
     _add_pipeline_options(p, None)
     p.add_argument("--out", help="save the compiled model here (with --target)")
     p.add_argument("--tune-trials", type=int, default=0,
                    help="MetaSchedule trials (target llvm; 0: default schedules)")
     p.add_argument("--tuning-dir", help="tuning database folder; later runs reuse it")
+    p.add_argument("--eval", metavar="SPEC",
+                   help="report a metric before and after the pipeline: default (the model's own task "
+                        "metric), text:FILE (perplexity of a causal LM on a UTF-8 text file), or a dataset: "
+                        "shakespeare, pydoc-topics (perplexity), stdlib-docs, pydoc-topics (encoder MRR), "
+                        "digits, mnist-5k (accuracy)")
+    p.add_argument("--eval-items", type=int, metavar="N",
+                   help="with --eval: score only the first N images, query pairs or token blocks")
+    p.add_argument("--export-hf", metavar="DIR",
+                   help="write the compressed model as a Hugging Face folder (config + safetensors) to DIR")
     p.set_defaults(handler="cmd_run")
 
     p = sub.add_parser("bench", help="time a saved compiled model (see run --target T --out DIR)")

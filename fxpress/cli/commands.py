@@ -13,7 +13,7 @@ from rich.table import Table
 from fxpress.backends import available_targets
 from fxpress.cli import DEMO_MODEL, DEMO_PIPELINE  # noqa: F401 - the parser's defaults, kept importable here
 from fxpress.cli.render import RichProgress, compare_table, console, human, pass_table
-from fxpress.errors import FxpressError
+from fxpress.errors import DataError, FxpressError
 from fxpress.ir import Graph, capture
 from fxpress.ir.numerics import compare_outputs
 from fxpress.ir.opinfo import op_qualname
@@ -22,7 +22,8 @@ from fxpress.ir.printer import format_graph, write_dump
 from fxpress.passes import (DumpToDir, NumericCheck, PassContext, PassManager, PrintAfterPass,
                             VerifyAfterPass, registered_passes)
 from fxpress.passes.infra.registry import format_type, format_value, pass_options
-from fxpress.eval import calibration_batches, evaluate, task_loss_for
+from fxpress.eval import Source, calibration_batches, evaluate, parse_source, task_loss_for
+from fxpress.eval.evaluate import check_evaluable, describe_data
 from fxpress.zoo.specs import resolve_model
 from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import ZooModel
@@ -61,14 +62,14 @@ def _capture(model: ZooModel, static: bool = False, method: str = "export") -> G
         return capture(model.module, model.example_inputs, dynamic=dynamic, method=method, name=model.name)
 
 
-def _load(spec: str) -> ZooModel:
+def _load(spec: str, task: str | None = None) -> ZooModel:
     with console.status(f"loading {spec}..."):
-        return resolve_model(spec)
+        return resolve_model(spec, task=task)
 
 
 def cmd_capture(args) -> int:
     """Capture MODEL and print its IR with shapes and module paths."""
-    model = _load(args.model)
+    model = _load(args.model, getattr(args, "task", None))
     graph = _capture(model, args.static, args.method)
     console.print(format_graph(graph, collapse=args.collapse), markup=False, highlight=False, soft_wrap=True)
     eager_params = sum(p.numel() for p in model.module.parameters())
@@ -83,7 +84,7 @@ def cmd_capture(args) -> int:
 
 def cmd_dump(args) -> int:
     """Write the IR of MODEL as text, DOT and/or JSON."""
-    model = _load(args.model)
+    model = _load(args.model, getattr(args, "task", None))
     graph = _capture(model, args.static, args.method)
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     written = write_dump(graph, Path(args.out), model.name.replace(":", "_"), formats)
@@ -92,8 +93,22 @@ def cmd_dump(args) -> int:
     return 0
 
 
-def _pipeline_context(model: ZooModel, args) -> PassContext:
-    batches = calibration_batches(model, count=args.calibration) if args.calibration else []
+def calibration_plan(args) -> tuple[Source, int]:
+    """(source, batches) from --calibration N|SOURCE and --calibration-batches; checked before any model loads."""
+    text = str(args.calibration).strip()
+    if text.lstrip("-").isdigit():
+        count = int(text)
+        if count < 0:
+            raise DataError(f"--calibration {count}: the number of batches must be >= 0")
+        return Source("default"), count
+    if args.calibration_batches < 1:
+        raise DataError(f"--calibration-batches must be >= 1 with --calibration {text}")
+    return parse_source(text), args.calibration_batches
+
+
+def _pipeline_context(model: ZooModel, args, graph: Graph) -> PassContext:
+    source, count = calibration_plan(args)
+    batches = calibration_batches(model, count=count, source=source, like=graph) if count else []
     return PassContext(calibration=batches, teacher=model.module, seed=args.seed, progress=RichProgress(),
                        loss=task_loss_for(model))
 
@@ -111,17 +126,25 @@ def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, li
     if args.print_after:
         instruments.append(PrintAfterPass(stream=console.file))
     manager.instruments = instruments
-    result = manager.run(graph, _pipeline_context(model, args))
+    result = manager.run(graph, _pipeline_context(model, args, graph))
     console.print(pass_table(result.reports))
     return graph, result.graph, result.reports
 
 
 def cmd_run(args) -> int:
-    """Run a pipeline on MODEL and print the per-pass table."""
-    model = _load(args.model)
-    _, compressed, _ = run_pipeline(model, args.pipeline, args)
+    """Run a pipeline on MODEL and print the per-pass table (and, with --eval, the metric before and after)."""
+    eval_source = parse_source(args.eval) if args.eval else None  # a bad file or name fails before loading
+    calibration, count = calibration_plan(args)
+    model = _load(args.model, getattr(args, "task", None))
+    if eval_source is not None:
+        check_evaluable(model, eval_source)
+    if count and calibration.kind != "default":
+        check_evaluable(model, calibration, "calibration")
+    captured, compressed, _ = run_pipeline(model, args.pipeline, args)
     if args.dump_dir:
         console.print(f"dumps in {args.dump_dir}", markup=False)
+    if eval_source is not None:
+        print_metrics(model, captured, compressed, eval_source, args.eval_items)
     if args.target == "native":
         run_on_native(model, compressed, args)
     elif args.target != "eager":
@@ -131,7 +154,28 @@ def cmd_run(args) -> int:
                          tune_trials=args.tune_trials, tuning_dir=args.tuning_dir)
     elif args.out:
         raise FxpressError("--out saves a compiled model: pass --target too (e.g. --target llvm)")
+    if args.export_hf:
+        export_hugging_face(model, compressed, args.export_hf)
     return 0
+
+
+def print_metrics(model: ZooModel, before: Graph, after: Graph, source: Source, items: int | None) -> None:
+    """The metric of the captured graph (equal to the eager model) and of the compressed one, as a table."""
+    with console.status(f"evaluating {model.name} on {source}..."):
+        metrics_before = evaluate(model, before, source, max_items=items)
+        metrics_after = evaluate(model, after, source, max_items=items)
+    data = describe_data(model, source)
+    rows = {f"{name} ({data})": (value, metrics_after.get(name)) for name, value in metrics_before.items()}
+    console.print(compare_table(f"{model.name}: before vs after the pipeline", rows))
+
+
+def export_hugging_face(model: ZooModel, graph: Graph, folder: str) -> None:
+    """--export-hf DIR: the compressed graph as a Hugging Face model folder."""
+    from fxpress.export.hf import export_hf
+
+    with console.status(f"exporting {model.name} to {folder}..."):
+        written = export_hf(graph, model.module, folder, tokenizer=model.tokenizer)
+    console.print(f"exported a Hugging Face model to {written or folder}", markup=False)
 
 
 def run_on_native(model: ZooModel, graph: Graph, args) -> None:
@@ -170,7 +214,7 @@ def cmd_demo(args) -> int:
     if args.target not in ("eager", "llvm", "onnx"):
         raise FxpressError(f"the demo times models on this machine: use --target llvm, onnx or eager, "
                            f"not {args.target!r} (fxpress run --target {args.target} --out DIR builds one)")
-    model = _load(args.model)
+    model = _load(args.model, getattr(args, "task", None))
     console.print(f"[bold]{model.name}[/bold]: {model.description}")
     console.print(f"pipeline: {args.pipeline}", markup=False)
     before, after, _ = run_pipeline(model, args.pipeline, args)

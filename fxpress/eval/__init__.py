@@ -1,9 +1,22 @@
-"""Evaluation: task metrics (accuracy, perplexity, retrieval MRR), calibration batches, task losses, latency,
-and paired confidence intervals."""
-from fxpress.eval.evaluate import calibration_batches, evaluate, task_loss_for
+"""Evaluation: task metrics (perplexity, accuracy, retrieval MRR), data sources, calibration batches,
+task losses, latency, and paired confidence intervals.
+
+The metrics score eager modules, captured or compressed Graphs and compiled
+models alike, batching in sizes each one accepts (docs/evaluation.md):
+
+    fxpress.eval.perplexity(graph, Path("notes.txt"), tokenizer=model.tokenizer)
+    fxpress.eval.accuracy(graph, "mnist-5k")
+    fxpress.eval.mrr(encoder, model.tokenizer, "stdlib-docs")
+    fxpress.eval.evaluate(model, graph, "text:notes.txt")   # a ZooModel's metric on a source
+"""
+from fxpress.eval.evaluate import calibration_batches, check_evaluable, describe_data, evaluate, task_loss_for
+from fxpress.eval.metrics import accuracy, mrr, perplexity, reciprocal_ranks
 from fxpress.eval.retrieval import docs_mrr, docs_reciprocal_ranks
+from fxpress.eval.sources import Source, load_text, parse_source, read_text_file
 from fxpress.eval.stats import mean_ci, paired_bootstrap
 from fxpress.utils.timing import Latency, measure_latency  # re-exported: latency is part of evaluation
 
-__all__ = ["Latency", "calibration_batches", "docs_mrr", "docs_reciprocal_ranks", "evaluate", "mean_ci",
-           "measure_latency", "paired_bootstrap", "task_loss_for"]
+__all__ = ["Latency", "Source", "accuracy", "calibration_batches", "check_evaluable", "docs_mrr",
+           "describe_data", "docs_reciprocal_ranks", "evaluate", "load_text", "mean_ci", "measure_latency", "mrr",
+           "paired_bootstrap", "parse_source", "perplexity", "read_text_file", "reciprocal_ranks",
+           "task_loss_for"]

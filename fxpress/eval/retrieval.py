@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 
 from fxpress.training.losses import sentence_embeddings
-from fxpress.zoo import load_dataset
+from fxpress.zoo import TextDataset, load_dataset
+from fxpress.zoo.datasets import head
 
 MAX_LEN = 128
 QUERY_LEN = 32  # stdlib-docs queries are qualified names: under 32 tokens
@@ -65,13 +66,16 @@ def mean_reciprocal_rank(queries: torch.Tensor, documents: torch.Tensor) -> floa
     return float(reciprocal_ranks(queries, documents).mean())
 
 
-def retrieval_ranks(fn: Callable[..., torch.Tensor], tokenizer: Any, dataset: str = DOCS, split: str = "test",
-                    max_items: int | None = None, max_len: int = MAX_LEN, query_len: int | None = None,
-                    batch: int = BATCH) -> torch.Tensor:
+def retrieval_ranks(fn: Callable[..., torch.Tensor], tokenizer: Any, dataset: str | TextDataset = DOCS,
+                    split: str = "test", max_items: int | None = None, max_len: int = MAX_LEN,
+                    query_len: int | None = None, batch: int = BATCH) -> torch.Tensor:
     """Per-query reciprocal ranks (float64, in dataset order) of an encoder on a retrieval dataset
-    (titles as queries, texts as documents): "stdlib-docs" or "pydoc-topics".  Queries are tokenized
-    to `query_len` (default `max_len`), documents to `max_len`."""
-    pairs = load_dataset(dataset, split, max_items=max_items)
+    (titles as queries, texts as documents): "stdlib-docs", "pydoc-topics" or a TextDataset of pairs.
+    Queries are tokenized to `query_len` (default `max_len`), documents to `max_len`."""
+    if isinstance(dataset, TextDataset):
+        pairs = head(dataset, max_items) if max_items is not None else dataset
+    else:
+        pairs = load_dataset(dataset, split, max_items=max_items)
     queries = embed(fn, encode_texts(tokenizer, pairs.titles, query_len or max_len, batch))
     documents = embed(fn, encode_texts(tokenizer, pairs.texts, max_len, batch))
     return reciprocal_ranks(queries, documents)

@@ -144,6 +144,8 @@ class Graph:
         # Sparsity masks by attribute path (True where a weight is kept): what a pruning pass fixed at
         # zero; training passes (distill) re-apply them after every step so pruned weights stay zero.
         self.masks: dict[str, torch.Tensor] = {}
+        # How capture called the model, when it wrapped it (a Hugging Face model: inputs, output, dynamic dims).
+        self.wrapper: str | None = None
 
     # -- structure -----------------------------------------------------------------
     @property
@@ -296,6 +298,7 @@ class Graph:
         new = Graph(module, self.example_inputs, name=self.name, source=self.source,
                     dynamic_shapes=self.dynamic_shapes)
         new.masks = dict(self.masks)
+        new.wrapper = self.wrapper
         return new
 
     def owned_tensors(self) -> dict[str, torch.Tensor]:

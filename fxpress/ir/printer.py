@@ -158,7 +158,7 @@ def format_graph(graph: Graph, *, collapse: int | None = None, show_params: bool
     """
     if collapse is not None:
         return _format_collapsed(graph, collapse)
-    lines = [format_header(graph)]
+    lines = [format_header(graph)] + ([f"# captured as {graph.wrapper}"] if graph.wrapper else [])
     for node in graph.fx.nodes:
         if node.op == "get_attr" and not show_params:
             continue
@@ -169,7 +169,7 @@ def format_graph(graph: Graph, *, collapse: int | None = None, show_params: bool
 def _format_collapsed(graph: Graph, depth: int) -> str:
     if depth < 1:
         raise FxpressError(f"collapse must be a positive module depth, got {depth}")
-    lines = [f"{format_header(graph)} collapse={depth}"]
+    lines = [f"{format_header(graph)} collapse={depth}"] + ([f"# captured as {graph.wrapper}"] if graph.wrapper else [])
     lines += [format_node(graph, n) for n in graph.fx.nodes if n.op == "placeholder"]
     lines += [format_group(graph, group) for group in node_groups(graph, depth)]
     lines += [format_node(graph, n) for n in graph.fx.nodes if n.op == "output"]

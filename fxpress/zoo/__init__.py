@@ -1,6 +1,7 @@
 """Built-in offline models and datasets for trying and testing fxpress.
 
-Models: ``list_models()``, ``load_model(name) -> ZooModel``.
+Models: ``list_models()``, ``load_model(name) -> ZooModel``; your own Hugging Face
+model folder or GGUF file: ``from_pretrained(path, task=...) -> ZooModel``.
 Datasets: ``list_datasets()``, ``load_dataset(name, split)`` returning an
 :class:`ImageDataset` or :class:`TextDataset`; ``text_blocks`` cuts text
 into token blocks for language models.
@@ -23,6 +24,7 @@ from fxpress.zoo.datasets import (
 )
 from fxpress.zoo.hf import CausalLMLogits, EncoderHiddenStates, cache_root
 from fxpress.zoo.models import ZooModel, describe_models, list_models, load_model
+from fxpress.zoo.pretrained import from_pretrained
 from fxpress.zoo.vit import ViTConfig, VisionTransformer
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "binarize",
     "cache_root",
     "describe_models",
+    "from_pretrained",
     "list_datasets",
     "list_models",
     "load_dataset",

@@ -1,4 +1,4 @@
-"""MODEL arguments: a zoo name or `path/to/file.py:factory`."""
+"""MODEL arguments: a zoo name, a Hugging Face model folder or GGUF file, or `path/to/file.py:factory`."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,16 +7,27 @@ from pathlib import Path
 import torch
 
 from fxpress.errors import ZooError
-from fxpress.zoo import ZooModel, list_models, load_model
+from fxpress.zoo import ZooModel, from_pretrained, list_models, load_model
 
 
-def resolve_model(spec: str) -> ZooModel:
-    """Load a zoo model by name, or call `factory()` from a Python file.
+def resolve_model(spec: str, task: str | None = None) -> ZooModel:
+    """Load a zoo model by name, a Hugging Face folder or GGUF file (`from_pretrained`, with `task`), or call
+    `factory()` from a Python file.
 
     The factory returns a ZooModel, or `(module, example_inputs)`.
     """
-    if ":" not in spec or spec in list_models():
-        return load_model(spec)
+    if spec in list_models():
+        model = load_model(spec)
+        if task is not None and task != model.task:
+            raise ZooError(f"zoo model '{spec}' is a {model.task} model; a task applies to Hugging Face folders "
+                           f"and GGUF files, not to zoo models")
+        return model
+    path = Path(spec).expanduser()
+    if path.is_dir() or path.suffix.lower() == ".gguf":
+        return from_pretrained(path, task=task)
+    if ":" not in spec:
+        raise ZooError(f"unknown model '{spec}': MODEL is a zoo name ({', '.join(list_models())}), a Hugging Face "
+                       "model folder, a .gguf file, or path/to/file.py:factory")
     path_text, _, factory_name = spec.rpartition(":")
     path = Path(path_text)
     if not path.is_file():
