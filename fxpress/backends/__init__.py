@@ -20,7 +20,7 @@ from fxpress.backends.artifact import CompiledModel
 from fxpress.backends.registry import backend_for_target, register_lowering_targets
 from fxpress.backends.targets import TargetSpec, available_targets, get_target, register_target
 from fxpress.backends.tvm.rules import RuleContext, register_lowering, registered_lowerings
-from fxpress.errors import LoweringError
+from fxpress.errors import FxpressError, LoweringError
 from fxpress.ir import Graph
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,27 @@ def compile(graph: Graph, target: str = "llvm", *, dynamic: bool = False, **opti
         raise LoweringError(f"compile expects an fxpress Graph (fxpress.capture), got {type(graph).__name__}")
     spec = get_target(target)
     start = time.perf_counter()
-    built = backend_for_target(spec.name).build(graph, spec.name, dynamic=dynamic, **options)
+    backend = backend_for_target(spec.name)
+    backend.check(graph)
+    built = backend.build(graph, spec.name, dynamic=dynamic, **options)
     info = dict(built.info)
     info["compile_s"] = round(time.perf_counter() - start, 3)
     log.info("compiled %s for %s in %.1f s", graph.name, target, info["compile_s"])
-    return CompiledModel(executable=built.executable, inputs=built.inputs, target=spec.name, name=graph.name,
-                         info=info)
+    compiled = CompiledModel(executable=built.executable, inputs=built.inputs, target=spec.name, name=graph.name,
+                             info=info, structure=built.structure)
+    if spec.runs_on_host() and spec.name != "cuda":  # cuda models take device tensors: not tried here
+        _try_once(compiled, graph)
+    return compiled
+
+
+def _try_once(compiled: CompiledModel, graph: Graph) -> None:
+    """Run the compiled model on the example inputs, so a backend that fails at run time, or returns
+    outputs of other shapes or dtypes than the graph's, fails here as a LoweringError."""
+    try:
+        compiled(*graph.example_inputs)
+    except FxpressError as err:
+        raise LoweringError(f"compiled {graph.name} for {compiled.target}, but it fails on the example "
+                            f"inputs: {err}") from err
 
 
 def load(folder: str | Path) -> CompiledModel:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 
 from fxpress.backends.signature import TensorSpec, check_inputs, torch_dtype
+from fxpress.backends.structure import IOStructure
+from fxpress.errors import FxpressError, LoweringError
 from fxpress.utils.timing import Latency, measure_latency
 
 log = logging.getLogger(__name__)
@@ -59,22 +61,41 @@ class CompiledModel:
     """
 
     executable: Any
-    inputs: list[TensorSpec]
+    inputs: list[TensorSpec]  # the tensor leaves of the arguments
     target: str
     name: str = "model"
     info: dict = field(default_factory=dict)  # compile_s, backend extras; saved in the manifest
+    structure: IOStructure | None = None  # None: tensors in, one tensor or a tuple out, unchecked
 
     @property
     def backend(self) -> str:
         return self.executable.backend
 
-    def __call__(self, *inputs: torch.Tensor) -> Any:
-        check_inputs(self.inputs, inputs)
-        outputs = self.executable.run(tuple(inputs))
-        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+    def __call__(self, *inputs: Any) -> Any:
+        """Run on the eager model's arguments (tensors, or the lists, dicts and constants it was captured
+        with); return its result's structure.  Inputs and outputs are checked against the signature."""
+        if self.structure is None:
+            check_inputs(self.inputs, inputs)
+            outputs = self._run(tuple(inputs))
+            return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        tensors = self.structure.flatten(inputs)
+        check_inputs(self.inputs, tensors)
+        return self.structure.restore(self._run(tensors), self.backend)
 
-    def example_inputs(self) -> tuple[torch.Tensor, ...]:
-        """Inputs that fit the signature: random floats, ones for integer inputs (ids, masks)."""
+    def _run(self, tensors: tuple) -> list[torch.Tensor]:
+        """The executable's outputs; a failure inside the backend's runtime is a one-line LoweringError."""
+        try:
+            return self.executable.run(tensors)
+        except FxpressError:
+            raise
+        except Exception as err:  # noqa: BLE001 - each runtime raises its own kinds
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            raise LoweringError(f"{self.name} compiled for {self.target} failed in the {self.backend} runtime: "
+                                f"{type(err).__name__}: {(lines[-1] if lines else '')[:400]}; compile for "
+                                f"another target meanwhile, and report it") from err
+
+    def example_inputs(self) -> tuple[Any, ...]:
+        """Arguments that fit the signature: random floats, ones for integer inputs (ids, masks)."""
         generator = torch.Generator().manual_seed(0)
         made = []
         for spec in self.inputs:
@@ -83,7 +104,7 @@ class CompiledModel:
                 made.append(torch.randn(spec.shape, generator=generator).to(dtype))
             else:
                 made.append(torch.ones(spec.shape, dtype=dtype))
-        return tuple(made)
+        return tuple(made) if self.structure is None else self.structure.unflatten_inputs(tuple(made))
 
     def set_threads(self, threads: int) -> None:
         """CPU threads the backend uses (TVM's pool is process-wide, like torch's)."""
@@ -92,6 +113,8 @@ class CompiledModel:
     def latency(self, inputs: tuple | None = None, **options: Any) -> Latency:
         """Median/min wall-clock latency of one call (see fxpress.utils.timing.measure_latency)."""
         inputs = tuple(inputs) if inputs is not None else self.example_inputs()
+        if self.structure is not None:
+            inputs = self.structure.flatten(inputs)
         check_inputs(self.inputs, inputs)
         return measure_latency(lambda *xs: self.executable.run(xs), inputs, **options)
 
@@ -123,7 +146,8 @@ class CompiledModel:
                 "backend": self.backend, "target": self.target, "versions": versions(self.backend),
                 "inputs": [spec.to_json() for spec in self.inputs], "library": library,
                 "param_names": list(getattr(self.executable, "param_names", self.executable.params)),
-                "files": {name: sha256(folder / name) for name in files}, "info": self.info}
+                "files": {name: sha256(folder / name) for name in files}, "info": self.info,
+                **({"structure": self.structure.to_json()} if self.structure is not None else {})}
 
     @classmethod
     def load(cls, folder: str | Path) -> CompiledModel:
@@ -137,5 +161,7 @@ class CompiledModel:
         params = read_params(folder / PARAMS, manifest["param_names"])
         executable = get_backend(manifest["backend"]).load(folder, manifest, params)
         inputs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
+        structure = IOStructure.from_json(manifest["structure"]) if "structure" in manifest else None
         return cls(executable=executable, inputs=inputs, target=manifest["target"],
-                   name=str(manifest.get("name", "model")), info=dict(manifest.get("info", {})))
+                   name=str(manifest.get("name", "model")), info=dict(manifest.get("info", {})),
+                   structure=structure)

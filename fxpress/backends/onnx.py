@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fxpress.backends.signature import TensorSpec, input_specs
+from fxpress.backends.onnx_fixes import fix_for_onnx
+from fxpress.backends.signature import TensorSpec
+from fxpress.backends.structure import FlatExport, IOStructure, export_flat
 from fxpress.errors import ArtifactError, LoweringError
 from fxpress.ir import Graph
 
@@ -56,7 +58,7 @@ class OnnxExecutable:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures come back as exceptions (then LoweringError), not logs
         try:
             self.session = ort.InferenceSession(self._model_bytes, options,
                                                 providers=["CPUExecutionProvider"])
@@ -77,34 +79,42 @@ class OnnxExecutable:
 def check_exportable(graph: Graph) -> None:
     """Raise LoweringError for an op that passes insert (``fxpress::...``): ONNX has no form of it."""
     for node in graph.module.graph.nodes:
-        namespace = getattr(node.target, "namespace", None) if node.op == "call_function" else None
-        if namespace is not None and namespace not in ("aten", "prims"):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        namespace = node.target.namespace
+        if namespace not in ("aten", "prims"):
             raise LoweringError(f"op {namespace}::{node.target._schema.name.partition('::')[2]} at node "
                                 f"{node.format_node()} has no ONNX form; compile this graph with target "
                                 f"'llvm' (TVM lowers it) instead of 'onnx'")
 
 
-def export_onnx(graph: Graph, dynamic: bool):
-    """The ONNX ModelProto of `graph` (opset chosen by torch.onnx)."""
+def export_onnx(graph: Graph, dynamic: bool) -> tuple[object, FlatExport]:
+    """The ONNX ModelProto of `graph` (opset chosen by torch.onnx) and the flat export it came from."""
     check_exportable(graph)
-    shapes = graph.dynamic_shapes if dynamic else None
+    flat = export_flat(graph, dynamic, "onnx", prepare=fix_for_onnx)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph.module, tuple(graph.example_inputs), dynamo=True,
-                                        dynamic_shapes=shapes, verbose=False,
+            program = torch.onnx.export(flat.program, flat.example_inputs, dynamo=True, verbose=False,
                                         optimize=False)  # onnxscript's optimizer emits rank-3 Gemm (invalid)
     except Exception as err:  # noqa: BLE001 - the exporter raises many kinds
-        raise LoweringError(f"cannot export graph {graph.name} to ONNX: {type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:400]}") from err
-    return program.model_proto
+        raise LoweringError(f"cannot export graph {graph.name} to ONNX: {_export_cause(err)}") from err
+    return program.model_proto, flat
 
 
-def build_onnx(graph: Graph, *, dynamic: bool = False) -> tuple[OnnxExecutable, list[TensorSpec]]:
-    model = export_onnx(graph, dynamic)
+def _export_cause(err: BaseException) -> str:
+    """The line of torch.onnx's (multi-line, coloured) message that says what failed."""
+    while err.__cause__ is not None and "ConversionError" in type(err).__name__:
+        err = err.__cause__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {(lines[0] if lines else '')[:400]}"
+
+
+def build_onnx(graph: Graph, *, dynamic: bool = False) -> tuple[OnnxExecutable, list[TensorSpec], IOStructure]:
+    model, flat = export_onnx(graph, dynamic)
     params = _split_initializers(model)
     log.info("exported %s to ONNX: %d nodes, %d initializers", graph.name, len(model.graph.node), len(params))
-    return OnnxExecutable(model, params), input_specs(graph, dynamic=dynamic)
+    return OnnxExecutable(model, params), flat.inputs, flat.structure
 
 
 def load_from_manifest(folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> OnnxExecutable:

@@ -35,10 +35,12 @@ BUILTIN_NAMESPACES = ("aten", "prims")
 @dataclass
 class Build:
     """What a backend's build gives: the executable (``run``, ``params``, ``write_library``), its input
-    signature, and backend extras for the manifest's ``info`` (compile times, tuning)."""
+    signature, how its flat tensors map to the model's inputs and outputs (an IOStructure), and
+    backend extras for the manifest's ``info`` (compile times, tuning)."""
 
     executable: Any
     inputs: list
+    structure: Any
     info: dict = field(default_factory=dict)
 
 
@@ -60,6 +62,15 @@ class Backend:
 
     name: str = "backend"
     targets: tuple[str, ...] = ()
+    # Higher-order ops (torch.cond, map, while_loop) it lowers, by name; None: all of them.
+    higher_order: tuple[str, ...] | None = ()
+    higher_order_fix = "compile for target 'native', which runs it in PyTorch"
+
+    def check(self, graph: Graph) -> None:
+        """LoweringError, before anything is built, for what this backend cannot compile (one line)."""
+        from fxpress.backends.preflight import check_compilable
+
+        check_compilable(graph, self.name, self.higher_order, self.higher_order_fix)
 
     def build(self, graph: Graph, target: str, **options: Any) -> Build:
         raise NotImplementedError
@@ -80,6 +91,7 @@ class TVMBackend(Backend):
 
     name = "tvm"
     targets = ("llvm", "aarch64", "c", "cuda")
+    higher_order = ("cond",)  # TVM's importer makes relax.If of it
 
     def build(self, graph: Graph, target: str, *, dynamic: bool = False, tune_trials: int = 0,
               tuning_dir: str | Path | None = None, schedule: bool = True) -> Build:
@@ -87,9 +99,10 @@ class TVMBackend(Backend):
         from fxpress.backends.tvm.driver import build_tvm
 
         prepare_runtime()
-        executable, inputs, info = build_tvm(graph, get_target(target), dynamic=dynamic,
-                                             tune_trials=tune_trials, tuning_dir=tuning_dir, schedule=schedule)
-        return Build(executable, inputs, info)
+        executable, inputs, structure, info = build_tvm(graph, get_target(target), dynamic=dynamic,
+                                                        tune_trials=tune_trials, tuning_dir=tuning_dir,
+                                                        schedule=schedule)
+        return Build(executable, inputs, structure, info)
 
     def load(self, folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> Any:
         from fxpress.backends.tvm import prepare_runtime
@@ -122,13 +135,14 @@ class OnnxBackend(Backend):
 
     name = "onnx"
     targets = ("onnx",)
+    higher_order = ("cond",)  # torch.onnx makes an If of it
 
     def build(self, graph: Graph, target: str, *, dynamic: bool = False, **options: Any) -> Build:
         from fxpress.backends.onnx import build_onnx
 
         _no_options(self.name, options)
-        executable, inputs = build_onnx(graph, dynamic=dynamic)
-        return Build(executable, inputs)
+        executable, inputs, structure = build_onnx(graph, dynamic=dynamic)
+        return Build(executable, inputs, structure)
 
     def load(self, folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> Any:
         from fxpress.backends.onnx import load_from_manifest
@@ -150,13 +164,14 @@ class NativeBackend(Backend):
 
     name = "native"
     targets = ("native",)
+    higher_order = None  # everything but the binary layers runs in PyTorch
 
     def build(self, graph: Graph, target: str, *, dynamic: bool = False, **options: Any) -> Build:
         from fxpress.backends.native.executable import build_native
 
         _no_options(self.name, options)
-        executable, inputs = build_native(graph, dynamic=dynamic)
-        return Build(executable, inputs, {"native_layers": executable.lowered})
+        executable, inputs, structure = build_native(graph, dynamic=dynamic)
+        return Build(executable, inputs, structure, {"native_layers": executable.lowered})
 
     def load(self, folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> Any:
         from fxpress.backends.native.executable import load_from_manifest

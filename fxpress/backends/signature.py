@@ -1,30 +1,16 @@
-"""What a backend receives from a Graph: its re-export, and the input signature of the compiled model.
+"""The tensor signature of a compiled model: what it checks every call (and every output) against.
 
 A signature is what a CompiledModel checks every call against and what its
 manifest records.  Dynamic dims accept any size; the others must match.
+The graph's re-export over flat tensors is :func:`fxpress.backends.structure.export_flat`.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from fxpress.errors import ArtifactError, LoweringError
-from fxpress.ir import Graph
-
-
-def reexport(graph: Graph, dynamic: bool, backend: str) -> torch.export.ExportedProgram:
-    """The Graph's module exported again (non-strict; dynamic dims kept when `dynamic`), for `backend`."""
-    shapes = graph.dynamic_shapes if dynamic else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.export(graph.module, tuple(graph.example_inputs), dynamic_shapes=shapes,
-                                       strict=False)
-    except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
-        raise LoweringError(f"{backend} backend: cannot re-export graph {graph.name}: {type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:300]}") from err
+from fxpress.errors import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -73,24 +59,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if not isinstance(value, torch.dtype):
         raise ArtifactError(f"unknown dtype {name!r} in manifest")
     return value
-
-
-def _input_names(graph: Graph, count: int) -> list[str]:
-    names = [str(n.target) for n in graph.fx.nodes if n.op == "placeholder"]
-    return names if len(names) == count else [f"input_{i}" for i in range(count)]
-
-
-def input_specs(graph: Graph, *, dynamic: bool) -> list[TensorSpec]:
-    """Signature of `graph`'s example inputs; its dynamic dims only when `dynamic`."""
-    inputs = [x for x in graph.example_inputs if isinstance(x, torch.Tensor)]
-    if len(inputs) != len(graph.example_inputs):
-        raise ArtifactError("compiled models take tensor inputs only")
-    shapes = graph.dynamic_shapes if dynamic and graph.dynamic_shapes else [None] * len(inputs)
-    specs = []
-    for name, tensor, dims in zip(_input_names(graph, len(inputs)), inputs, shapes):
-        specs.append(TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype_str(tensor.dtype),
-                                dynamic={int(d): f"d{d}" for d in (dims or {})}))
-    return specs
 
 
 def check_inputs(specs: list[TensorSpec], inputs: tuple) -> None:

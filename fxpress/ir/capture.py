@@ -17,9 +17,11 @@ says how the model was called.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import re
+import sysconfig
 import traceback
 import warnings
 from typing import Any, Mapping
@@ -84,7 +86,22 @@ def _prepare(model: torch.nn.Module, example_inputs: Any, output: str | None, na
         raise CaptureError(f"output={output!r} selects a Hugging Face model's output, and {name} {kind}; "
                            "capture the Hugging Face model itself, or return the tensor you want from forward")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    _check_positional(model, inputs, name)
     return model, inputs, None, model.describe() if isinstance(model, PretrainedOutput) else None
+
+
+def _check_positional(model: torch.nn.Module, inputs: tuple, name: str) -> None:
+    """CaptureError when forward cannot take the example inputs by position (it needs keyword arguments)."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*inputs)
+    except TypeError as err:
+        raise CaptureError(f"cannot capture {name}: its forward{signature} cannot be called with the "
+                           f"{len(inputs)} example inputs by position ({err}); capture passes inputs by position: "
+                           "wrap the model in a module whose forward takes every input positionally") from err
 
 
 def _warn_if_training(model: torch.nn.Module, name: str) -> None:
@@ -226,8 +243,10 @@ def _cause(err: BaseException) -> str:
 
 def _user_frame(err: BaseException) -> str | None:
     """file:line and code of the innermost frame in a real file outside torch and fxpress, or None."""
+    stdlib = sysconfig.get_paths()["stdlib"]
     frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and "/fxpress/" not in f.filename and not f.filename.startswith("<")]
+              if "/torch/" not in f.filename and "/fxpress/" not in f.filename and not f.filename.startswith("<")
+              and not f.filename.startswith(stdlib)]
     if not frames:
         return None
     frame = frames[-1]

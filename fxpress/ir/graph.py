@@ -311,10 +311,19 @@ class Graph:
                     found[f"{prefix}.{leaf}" if prefix else leaf] = value
         return found
 
+    def used_submodules(self) -> set[str]:
+        """Paths of the submodules nodes use: called ones, and the subgraphs of higher-order ops
+        (``torch.cond``'s branches, ``map``'s body), which the op's node reads with get_attr."""
+        used = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
+        for node in self.fx.nodes:
+            if node.op == "get_attr" and isinstance(self.attribute(str(node.target)), torch.nn.Module):
+                used.add(str(node.target))
+        return used
+
     def unused_attributes(self) -> list[str]:
         """Paths of tensors the module holds but no node reads."""
         used = set(self.referenced_tensors())
-        called = tuple(f"{n.target}." for n in self.fx.nodes if n.op == "call_module")
+        called = tuple(f"{path}." for path in self.used_submodules())
         return [name for name in self.owned_tensors() if name not in used and not name.startswith(called)]
 
     def remove_unused_attributes(self) -> list[str]:
@@ -323,11 +332,12 @@ class Graph:
         for name in removed:
             owner, _, leaf = name.rpartition(".")
             delattr(self.module.get_submodule(owner) if owner else self.module, leaf)
-        called = {str(n.target) for n in self.fx.nodes if n.op == "call_module"}
+        called = self.used_submodules()
         holders = {name.rpartition(".")[0] for name in self.owned_tensors()}
         for name, _ in sorted(self.module.named_modules(), key=lambda kv: -len(kv[0])):
-            if name and name not in called and not any(h == name or h.startswith(name + ".")
-                                                       for h in holders | called):
+            inside_used = name.startswith(tuple(f"{path}." for path in called))
+            if name and name not in called and not inside_used and not any(
+                    h == name or h.startswith(name + ".") for h in holders | called):
                 owner, _, leaf = name.rpartition(".")
                 delattr(self.module.get_submodule(owner) if owner else self.module, leaf)
         return removed

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from fxpress.backends.native.lowering import NativeProgram, lower_native
-from fxpress.backends.signature import TensorSpec, input_specs, reexport, torch_dtype
+from fxpress.backends.signature import TensorSpec
+from fxpress.backends.structure import IOStructure, example_tensor, export_flat
 from fxpress.errors import ArtifactError, LoweringError
 from fxpress.ir import Graph, capture
 
@@ -101,28 +102,27 @@ def _lowered(program: torch.export.ExportedProgram, inputs: tuple, dynamic: Any,
     return lower_native(graph)
 
 
-def build_native(graph: Graph, *, dynamic: bool = False) -> tuple[NativeExecutable, list[TensorSpec]]:
-    """Lower `graph`'s binary ops onto the native kernels; the executable and its input signature."""
+def build_native(graph: Graph, *, dynamic: bool = False) -> tuple[NativeExecutable, list[TensorSpec], IOStructure]:
+    """Lower `graph`'s binary ops onto the native kernels; the executable, its input signature and
+    IOStructure."""
     from torch._export.serde.serialize import serialize
 
-    program = reexport(graph, dynamic, "native")
-    schema = serialize(program, serialize_state_dict=False, serialize_constants=False,
-                       serialize_example_inputs=False).exported_program
-    tensors = _program_tensors(program)
-    specs = input_specs(graph, dynamic=dynamic)
-    native = _lowered(program, tuple(graph.example_inputs), _dynamic_dims(specs), graph.name)
+    flat = export_flat(graph, dynamic, "native")
+    try:
+        schema = serialize(flat.program, serialize_state_dict=False, serialize_constants=False,
+                           serialize_example_inputs=False).exported_program
+    except Exception as err:  # noqa: BLE001 - torch's serializer raises many kinds
+        raise LoweringError(f"native backend: cannot serialize graph {graph.name}'s program: "
+                            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}") from err
+    tensors = _program_tensors(flat.program)
+    native = _lowered(flat.program, flat.example_inputs, _dynamic_dims(flat.inputs), graph.name)
     log.info("native: %s with %d binary layers on the kernels", graph.name, len(native.lowered))
-    return NativeExecutable(native, schema, tensors), specs
+    return NativeExecutable(native, schema, tensors), flat.inputs, flat.structure
 
 
 def _dynamic_dims(specs: list[TensorSpec]) -> dict | bool:
     dims = {index: {dim: label for dim, label in spec.dynamic.items()} for index, spec in enumerate(specs)}
     return {index: found for index, found in dims.items() if found} or False
-
-
-def _example(spec: TensorSpec) -> torch.Tensor:
-    dtype = torch_dtype(spec.dtype)
-    return torch.zeros(spec.shape, dtype=dtype) if dtype.is_floating_point else torch.ones(spec.shape, dtype=dtype)
 
 
 def load_from_manifest(folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> NativeExecutable:
@@ -137,6 +137,6 @@ def load_from_manifest(folder: Path, manifest: dict, params: dict[str, np.ndarra
         raise ArtifactError(f"cannot read the native program {folder / manifest['library']}: "
                             f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}") from err
     specs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
-    inputs = tuple(_example(spec) for spec in specs)
+    inputs = tuple(example_tensor(spec) for spec in specs)
     native = _lowered(program, inputs, _dynamic_dims(specs), str(manifest.get("name", "model")))
     return NativeExecutable(native, schema_json, tensors)

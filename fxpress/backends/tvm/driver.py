@@ -1,17 +1,19 @@
 """Graph -> TVM executable for one target: lower to Relax, tune if asked, build (the TVM backend's build)."""
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
 from fxpress.backends.targets import TargetSpec
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
+from fxpress.ir.opinfo import op_label
 
 
 def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int,
               tuning_dir: str | Path | None, schedule: bool) -> tuple:
-    """(executable, input signature, info) for `graph` compiled for `spec`.
+    """(executable, input signature, IOStructure, info) for `graph` compiled for `spec`.
 
     tune_trials / tuning_dir: MetaSchedule tuning (llvm only) into a JSON database; a later build with
     the same folder reuses it.  schedule: fxpress's default CPU schedules (False: TVM's naive loops).
@@ -26,9 +28,33 @@ def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int
     database = None
     if tune_trials or tuning_dir:
         database, info["tuning"] = tune_lowered(lowered, spec, tune_trials, tuning_dir, fast_math=schedule)
-    executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule)
+    try:
+        executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule)
+    except LoweringError as err:
+        blamed = blame_intrinsic(graph, spec.name, str(err))
+        if blamed is None:
+            raise
+        raise blamed from err
     info["tvm_compile_s"] = round(seconds, 3)
-    return executable, lowered.inputs, info
+    return executable, lowered.inputs, lowered.structure, info
+
+
+_INTRINSIC = re.compile(r'name="tirx?\.([A-Za-z0-9_]+)"')
+
+
+def blame_intrinsic(graph: Graph, target: str, message: str) -> LoweringError | None:
+    """For TVM's "unknown intrinsic tirx.X" (no code for X on this target): a LoweringError naming the
+    graph's first node that runs op X; None when the message is another failure or no node runs X."""
+    found = _INTRINSIC.search(message)
+    if found is None:
+        return None
+    intrinsic = found.group(1)
+    for node in graph.fx.nodes:
+        if node.op == "call_function" and op_label(node.target).split(".")[1:2] == [intrinsic]:
+            return LoweringError(f"op {op_label(node.target)} at node {node.name} of graph {graph.name}: TVM has no "
+                                 f"{target} code for {intrinsic} (intrinsic tirx.{intrinsic}); compile with "
+                                 f"schedule=False or for target 'onnx'")
+    return None
 
 
 def tune_lowered(lowered, spec: TargetSpec, trials: int, tuning_dir: str | Path | None,

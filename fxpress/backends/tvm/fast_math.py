@@ -11,8 +11,11 @@ the transcendental written as float32 arithmetic that LLVM vectorizes:
 - erf, tanh: Eigen's rational approximations (``generic_fast_erf_float``,
   ``generic_fast_tanh_float``); max absolute error 4.2e-7.
 - sigmoid = 1 / (1 + exp(-x)), so SiLU and tanh-GELU follow.
+- cosh, sinh (every float dtype): TVM's CPU codegen has no vector form of
+  ``tir.cosh`` / ``tir.sinh`` (a vectorized schedule failed to build), so
+  they are written with exp (and sinh with its series near 0).
 
-Only float32 inputs are rewritten; other dtypes keep TVM's legalization.
+Otherwise only float32 inputs are rewritten; other dtypes keep TVM's legalization.
 ``legalize_map()`` is what ``relax.transform.LegalizeOps`` takes.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ from tvm import te, tirx
 
 EXP_LOW, EXP_HIGH = -87.33654, 88.37626  # exp(EXP_LOW) ~ FLT_MIN; exp(EXP_HIGH) ~ FLT_MAX
 LOG2E = 1.44269504088896341
+LN_FLT_MAX = 88.72283905206835
 LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 = LN2_HIGH + LN2_LOW, HIGH exact in few bits
 EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
             5.0000001201e-1)
@@ -95,6 +99,43 @@ def _gelu_tanh(x: tirx.Expr) -> tirx.Expr:
     return _f32(0.5) * x * (_f32(1.0) + fast_tanh(inner))
 
 
+def _const(value: float, like: tirx.Expr) -> tirx.Expr:
+    return tirx.const(value, str(like.dtype))
+
+
+def _half_exp_abs(x: tirx.Expr, exp: Callable) -> tirx.Expr:
+    """exp(|x|) / 2; for float32 infinite above ln(FLT_MAX), where PyTorch's cosh overflows
+    (fast_exp saturates a little earlier, so large |x| go through exp(|x| - ln 2))."""
+    magnitude = tirx.abs(x)
+    if exp is not fast_exp:
+        return exp(magnitude) * _const(0.5, x)
+    value = tirx.Select(magnitude > _f32(LN_FLT_MAX - 1.0), fast_exp(magnitude - _f32(math.log(2.0))),
+                        fast_exp(magnitude) * _f32(0.5))
+    return tirx.Select(magnitude > _f32(LN_FLT_MAX), _f32(math.inf), value)
+
+
+def cosh_expr(x: tirx.Expr, exp: Callable = tirx.exp) -> tirx.Expr:
+    """cosh(x) = e^|x|/2 + e^-|x|/2 through `exp` (TVM's CPU codegen has no vector cosh)."""
+    half = _half_exp_abs(x, exp)
+    return half + _const(0.25, x) / half
+
+
+SINH_SERIES = tuple(1.0 / math.factorial(k) for k in range(17, 0, -2))  # x^17/17! + ... + x
+
+
+def sinh_expr(x: tirx.Expr, exp: Callable = tirx.exp) -> tirx.Expr:
+    """sinh(x): its Taylor series below |x| = 1 (no cancellation near 0; truncation error < 3e-15),
+    sign(x) (e^|x|/2 - e^-|x|/2) above (TVM's CPU codegen has no vector sinh)."""
+    square = x * x
+    series = _const(SINH_SERIES[0], x)
+    for coefficient in SINH_SERIES[1:]:
+        series = series * square + _const(coefficient, x)
+    half = _half_exp_abs(x, exp)
+    outer = half - _const(0.25, x) / half
+    outer = tirx.Select(x < _const(0.0, x), -outer, outer)
+    return tirx.Select(tirx.abs(x) < _const(1.0, x), x * series, outer)
+
+
 ELEMENTWISE: dict[str, tuple[str, Callable]] = {
     "relax.exp": ("fast_exp", fast_exp),
     "relax.erf": ("fast_erf", fast_erf),
@@ -156,8 +197,29 @@ def _softmax_rule(bb, call):
     return bb.call_te(softmax_te, call.args[0], int(call.attrs.axis), primfunc_name_hint="fast_softmax")
 
 
+# Ops TVM legalizes to TIR intrinsics its CPU codegen cannot vectorize: written with exp, every float dtype.
+THROUGH_EXP: dict[str, tuple[str, Callable]] = {
+    "relax.cosh": ("cosh_via_exp", cosh_expr),
+    "relax.sinh": ("sinh_via_exp", sinh_expr),
+}
+
+
+def _through_exp_rule(op_name: str) -> Callable:
+    hint, expr = THROUGH_EXP[op_name]
+
+    def legalize(bb, call):
+        if not str(getattr(call.args[0].ty, "dtype", "")).startswith("float"):
+            return _default(op_name)(bb, call)
+        exp = fast_exp if _is_float32(call) else tirx.exp
+        return bb.call_te(lambda x: te.compute(x.shape, lambda *i: expr(x[i], exp), name=hint), call.args[0],
+                          primfunc_name_hint=hint)
+
+    return legalize
+
+
 def legalize_map() -> dict[str, Callable]:
     """Op name -> legalization for ``relax.transform.LegalizeOps(customize_legalize_map=...)``."""
     rules = {name: _elementwise_rule(name) for name in ELEMENTWISE}
+    rules.update({name: _through_exp_rule(name) for name in THROUGH_EXP})
     rules["relax.nn.softmax"] = _softmax_rule
     return rules

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fxpress.backends.signature import TensorSpec, input_specs, reexport
+from fxpress.backends.signature import TensorSpec
+from fxpress.backends.structure import FlatExport, IOStructure, export_flat
 from fxpress.backends.tvm import load_rules, rules
 from fxpress.errors import LoweringError
 from fxpress.ir import Graph
@@ -32,15 +33,16 @@ class Lowered:
     param_names: list[str]
     params: dict[str, np.ndarray]
     inputs: list[TensorSpec]
+    structure: IOStructure
 
 
-def export_graph(graph: Graph, dynamic: bool) -> torch.export.ExportedProgram:
-    """Re-export the Graph's module and decompose it to core ATen (custom ops are kept)."""
-    program = reexport(graph, dynamic, "tvm")
+def export_graph(graph: Graph, dynamic: bool) -> tuple[torch.export.ExportedProgram, FlatExport]:
+    """Re-export the Graph over flat tensors and decompose it to core ATen (custom ops are kept)."""
+    flat = export_flat(graph, dynamic, "tvm")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return program.run_decompositions()
+            return flat.program.run_decompositions(), flat
     except Exception as err:  # noqa: BLE001 - decompositions raise many kinds
         raise LoweringError(f"cannot decompose graph {graph.name} for lowering: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
@@ -63,7 +65,7 @@ def to_relax(graph: Graph, *, dynamic: bool = False) -> Lowered:
     from tvm.relax.frontend.torch import from_exported_program
 
     load_rules()  # the one list of rule modules (fxpress/backends/tvm/__init__.py)
-    program = export_graph(graph, dynamic)
+    program, flat = export_graph(graph, dynamic)
     nodes = list(program.graph.nodes)
     rules.check_lowerable(nodes, _known_ops())
     try:
@@ -85,5 +87,4 @@ def to_relax(graph: Graph, *, dynamic: bool = False) -> Lowered:
         raise LoweringError(f"importer gave {len(values)} params for {len(names)} parameter inputs")
     params = {name: value.numpy() for name, value in zip(names, values)}
     log.info("lowered %s to Relax: %d inputs, %d params", graph.name, num_inputs, len(names))
-    return Lowered(mod=mod, param_names=names, params=params,
-                   inputs=input_specs(graph, dynamic=dynamic))
+    return Lowered(mod=mod, param_names=names, params=params, inputs=flat.inputs, structure=flat.structure)
