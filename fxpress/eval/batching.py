@@ -64,27 +64,24 @@ def fixed_size(fn: Any, dim: int, input_index: int = 0) -> int | None:
 
 def batch_size_for(fn: Any, requested: int | None, default: int) -> int:
     """`fn`'s static batch size if it has one, else `requested` or `default`."""
-    if requested is not None and requested < 1:
-        raise DataError(f"batch_size must be >= 1, got {requested}")
-    static = fixed_size(fn, BATCH_DIM)
-    if static is None:
-        return requested or default
-    if requested not in (None, static):
-        raise DataError(f"{_name(fn)} has a static batch of {static}: evaluate with batch_size={static} "
-                        f"(or None), or capture it with a dynamic batch")
-    return static
+    return _size_for(fn, BATCH_DIM, requested, default, "batch", "batch_size={static}", "a dynamic batch")
 
 
 def seq_len_for(fn: Any, requested: int | None, default: int) -> int:
     """`fn`'s static sequence length (dim 1 of its first input) if it has one, else `requested` or `default`."""
+    return _size_for(fn, SEQ_DIM, requested, default, "sequence length", "{static} tokens",
+                     "a dynamic sequence dim")
+
+
+def _size_for(fn: Any, dim: int, requested: int | None, default: int, what: str, use: str, instead: str) -> int:
     if requested is not None and requested < 1:
-        raise DataError(f"sequence length must be >= 1, got {requested}")
-    static = fixed_size(fn, SEQ_DIM)
+        raise DataError(f"{what} must be >= 1, got {requested}")
+    static = fixed_size(fn, dim)
     if static is None:
         return requested or default
     if requested not in (None, static):
-        raise DataError(f"{_name(fn)} has a static sequence length of {static}: use {static} tokens "
-                        f"(or None), or capture it with a dynamic sequence dim")
+        raise DataError(f"{_name(fn)} has a static {what} of {static}: use {use.format(static=static)} "
+                        f"(or None), or capture it with {instead}")
     return static
 
 

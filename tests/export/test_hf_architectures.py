@@ -266,15 +266,3 @@ def test_a_config_transformers_refuses_is_refused(tmp_path):
     message = refusal(arch, compress(arch, "prune-width{heads=3}"), tmp_path)
     assert "transformers refuses the compressed Gemma3TextConfig" in message
     assert "not a multiple of the number of attention heads (3)" in message
-
-
-def test_docs_example_runs(monkeypatch):
-    import sys
-    import types
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parents[2] / "docs" / "export.md"
-    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    module = types.ModuleType("export_doc_example")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(block, str(page), "exec"), module.__dict__)

@@ -443,18 +443,6 @@ def test_property_verifies_and_never_grows(hand, r, mode, schedule):
         assert result.graph(torch.randn(2, 9, 12)).shape == (2, 5)
 
 
-def test_docs_example_runs(monkeypatch):
-    import re
-    import sys
-    import types
-    from pathlib import Path
-
-    page = Path(__file__).resolve().parents[3] / "docs" / "tokens.md"
-    (block,) = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    module = types.ModuleType("tokens_doc_example")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(block, str(page), "exec"), module.__dict__)
-
 
 class _InputBlock(torch.nn.Module):
     def __init__(self):
