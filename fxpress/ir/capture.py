@@ -32,7 +32,7 @@ import torch.fx
 from fxpress.errors import CaptureError
 from fxpress.ir.builder import mark_captured
 from fxpress.ir.graph import Graph
-from fxpress.zoo.hf_wrap import PretrainedOutput, is_pretrained, wrap_pretrained
+from fxpress.zoo.hf_wrap import PretrainedOutput, is_pretrained, with_input_names, wrap_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ DynamicSpec = bool | Mapping[int, Mapping[int, str]] | None
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: DynamicSpec = None,
-            method: str = "export", name: str | None = None, output: str | None = None) -> Graph:
+            method: str = "export", name: str | None = None, output: str | None = None,
+            example_kwargs: Mapping[str, Any] | None = None) -> Graph:
     """Capture `model` called on `example_inputs` into an annotated `Graph`.
 
     dynamic: None (default: static, except a Hugging Face model's batch and sequence dims), False (all
@@ -48,10 +49,14 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: DynamicSpec
     for chosen dims, e.g. `{0: {0: "batch", 1: "seq"}}`.
     output: which tensor of a Hugging Face model's output to capture ("logits", "last_hidden_state",
     "pooler_output", "mean_pooled", ...); the default is logits, else last_hidden_state.
+    example_kwargs: keyword arguments of forward; the graph takes them by position after
+    `example_inputs`, in this order (its placeholders carry their names).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
     name = name or type(model).__name__
+    if example_kwargs:
+        model, example_inputs = _keywords_by_position(model, example_inputs, example_kwargs, name)
     model, inputs, auto_dims, wrapper = _prepare(model, example_inputs, output, name)
     _warn_if_training(model, name)
     if method == "export":
@@ -90,6 +95,45 @@ def _prepare(model: torch.nn.Module, example_inputs: Any, output: str | None, na
     return model, inputs, None, model.describe() if isinstance(model, PretrainedOutput) else None
 
 
+class KeywordsByPosition(torch.nn.Module):
+    """``model(*inputs[:n], **dict(zip(keywords, inputs[n:])))``: a forward with keyword arguments, called
+    with every input by position (what a graph takes)."""
+
+    def __init__(self, model: torch.nn.Module, positional: int, keywords: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.positional = positional
+        self.keywords = keywords
+        self.training = model.training  # not .train(): that would change the user's model
+
+    def forward(self, *inputs: Any) -> Any:
+        return self.model(*inputs[:self.positional], **dict(zip(self.keywords, inputs[self.positional:])))
+
+
+def _keywords_by_position(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any],
+                          name: str) -> tuple[torch.nn.Module, tuple]:
+    if is_pretrained(model):
+        return model, {**_hf_named(model, example_inputs), **example_kwargs}
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        inspect.signature(model.forward).bind(*inputs, **example_kwargs)
+    except TypeError as err:
+        raise CaptureError(f"cannot capture {name}: forward{inspect.signature(model.forward)} does not take these "
+                           f"example inputs and keyword arguments ({err})") from err
+    keywords = tuple(example_kwargs)
+    names = tuple(f"arg{i}" for i in range(len(inputs))) + keywords
+    adapter = with_input_names(KeywordsByPosition, names)(model, len(inputs), keywords)
+    return adapter, inputs + tuple(example_kwargs.values())
+
+
+def _hf_named(model: torch.nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """A Hugging Face model's positional example inputs by the names of its forward's parameters."""
+    if isinstance(example_inputs, Mapping):
+        return dict(example_inputs)
+    values = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    return dict(zip(inspect.signature(model.forward).parameters, values))
+
+
 def _check_positional(model: torch.nn.Module, inputs: tuple, name: str) -> None:
     """CaptureError when forward cannot take the example inputs by position (it needs keyword arguments)."""
     try:
@@ -100,8 +144,9 @@ def _check_positional(model: torch.nn.Module, inputs: tuple, name: str) -> None:
         signature.bind(*inputs)
     except TypeError as err:
         raise CaptureError(f"cannot capture {name}: its forward{signature} cannot be called with the "
-                           f"{len(inputs)} example inputs by position ({err}); capture passes inputs by position: "
-                           "wrap the model in a module whose forward takes every input positionally") from err
+                           f"{len(inputs)} example inputs by position ({err}); pass the others as "
+                           "example_kwargs=, or wrap the model in a module whose forward takes every input positionally"
+                           ) from err
 
 
 def _warn_if_training(model: torch.nn.Module, name: str) -> None:

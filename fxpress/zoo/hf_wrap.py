@@ -117,14 +117,19 @@ def _named_inputs(model: nn.Module, example_inputs: Any) -> tuple[tuple[str, ...
 
 def _named_wrapper(model: nn.Module, names: tuple[str, ...], output: str) -> PretrainedOutput:
     """A PretrainedOutput whose forward's signature names the inputs, so graph placeholders carry the names."""
+    return with_input_names(PretrainedOutput, names)(model, names, output)
+
+
+def with_input_names(cls: type[nn.Module], names: tuple[str, ...]) -> type[nn.Module]:
+    """A subclass of `cls` (whose forward takes `*inputs`) with a forward signature naming each input:
+    torch.export names graph placeholders after it."""
     def forward(self, *inputs):
-        return PretrainedOutput.forward(self, *inputs)
+        return cls.forward(self, *inputs)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     forward.__signature__ = inspect.Signature([inspect.Parameter("self", kind)] +
                                               [inspect.Parameter(n, kind) for n in names])
-    named = type(PretrainedOutput.__name__, (PretrainedOutput,), {"forward": forward, "__module__": __name__})
-    return named(model, names, output)
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
 
 
 def _choose_output(wrapper: PretrainedOutput, inputs: tuple, wanted: str | None) -> str:

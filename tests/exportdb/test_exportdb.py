@@ -1,7 +1,8 @@
 """torch's ExportDB examples (control flow, pytrees, scalars, mutation) through capture, cleanup, backends.
 
 Each case is captured once per module and compiled once per target (module-scoped caches).  Every
-case without keyword arguments captures exactly; the cleanup pipeline keeps it equal to eager; each
+case captures exactly (keyword arguments through capture's example_kwargs, taken by position after the
+others); the cleanup pipeline keeps it equal to eager; each
 backend either matches eager (same output structure, shapes, dtypes; values within 1e-5) or refuses
 with a one-line FxpressError.  Which cases a backend refuses is pinned in REFUSED, so a new refusal
 (or a fixed one) shows up here.
@@ -25,7 +26,7 @@ torch.set_num_threads(1)
 
 EXAMPLES = dict(sorted(all_examples().items()))
 WITH_KWARGS = [name for name, case in EXAMPLES.items() if case.example_kwargs]
-CASES = [name for name in EXAMPLES if name not in WITH_KWARGS]
+CASES = list(EXAMPLES)
 TARGETS = ["llvm", "onnx", "native"]
 CLEANUP = "fold-constants,fuse-batchnorm,dce"
 TOLERANCE = 1e-5
@@ -34,13 +35,19 @@ REFUSED = {("dynamic_shape_map", "llvm"): "torch.map_impl", ("dynamic_shape_map"
 
 
 def fresh_args(name: str) -> tuple:
-    """The case's example arguments, tensors copied (some cases write into their inputs)."""
-    return pytree.tree_map_only(torch.Tensor, torch.clone, tuple(EXAMPLES[name].example_args))
+    """The case's example arguments and then its keyword arguments' values (as the graph takes them), tensors
+    copied (some cases write into their inputs)."""
+    case = EXAMPLES[name]
+    values = tuple(case.example_args) + tuple((case.example_kwargs or {}).values())
+    return pytree.tree_map_only(torch.Tensor, torch.clone, values)
 
 
 def eager(name: str):
+    case = EXAMPLES[name]
+    args = fresh_args(name)
+    positional = len(case.example_args)
     with torch.no_grad():
-        return EXAMPLES[name].model(*fresh_args(name))
+        return case.model(*args[:positional], **dict(zip(case.example_kwargs or {}, args[positional:])))
 
 
 def assert_same(got, expected) -> None:
@@ -65,7 +72,9 @@ def graphs():
         if name not in cache:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cache[name] = capture(EXAMPLES[name].model, fresh_args(name), name=name)
+                case = EXAMPLES[name]
+                cache[name] = capture(case.model, pytree.tree_map_only(torch.Tensor, torch.clone, case.example_args),
+                                      name=name, example_kwargs=case.example_kwargs or None)
         return cache[name]
 
     return get
@@ -88,7 +97,7 @@ def compiled(graphs):
 
 
 def test_the_corpus_is_all_there():
-    assert len(EXAMPLES) >= 36 and WITH_KWARGS == ["fn_with_kwargs"]
+    assert len(CASES) >= 36 and WITH_KWARGS == ["fn_with_kwargs"]
     assert {"cond_closed_over_variable", "dynamic_shape_map", "list_unpack", "scalar_output"} <= set(CASES)
 
 
@@ -100,11 +109,11 @@ def test_capture_matches_eager(graphs, name):
 
 
 @pytest.mark.parametrize("name", WITH_KWARGS)
-def test_a_case_that_needs_keyword_arguments_is_refused_in_one_line(name):
+def test_keyword_arguments_left_out_are_named_in_one_line(name):
     with pytest.raises(CaptureError) as caught:
         capture(EXAMPLES[name].model, EXAMPLES[name].example_args, name=name)
     message = str(caught.value)
-    assert "\n" not in message and "mykw0" in message and "takes every input positionally" in message
+    assert "\n" not in message and "mykw0" in message and "example_kwargs=" in message
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -38,7 +38,7 @@ def test_folder_loads_as_a_zoo_model_and_captures_exactly(folders, arch):
         assert torch.equal(graph(*wider), model.module(*wider))
 
 
-@pytest.mark.parametrize("arch", ["llama", "vit"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_cli_capture_of_a_folder_is_exact(folders, arch, capsys):
     assert main(["capture", str(folders[arch]), "--collapse", "2"]) == 0
     out = capsys.readouterr().out
