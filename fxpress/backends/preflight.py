@@ -42,6 +42,8 @@ def _in_training_mode(graph: Graph, node: torch.fx.Node) -> bool:
         return isinstance(module, _TRAINING_MODULES) and module.training
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return False
+    if node.target._schema.name.endswith("dropout") and _argument(node, "p") == 0:
+        return False  # dropout with p=0 (e.g. attention dropout of a model in training mode) is the identity
     return any(_argument(node, flag) is True for flag in TRAINING_FLAGS)
 
 

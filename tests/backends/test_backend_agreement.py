@@ -131,6 +131,15 @@ def test_eval_mode_dropout_compiles_to_identity_everywhere():
         assert torch.allclose(backends.compile(graph, target)(x), model(x), atol=1e-6)
 
 
+def test_dropout_with_zero_probability_in_training_mode_compiles():
+    """p=0 dropout (an HF model's attention dropout in training mode) is the identity: nothing to refuse."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.0)).train()
+    x = torch.randn(4, 8)
+    graph = _capture(model, x)
+    assert any("dropout" in str(n.target) for n in graph.fx.nodes)
+    assert torch.allclose(backends.compile(graph, "onnx")(x), model(x), atol=1e-6)
+
+
 def test_a_model_that_writes_its_buffers_is_refused():
     graph = _capture(Counter().eval(), torch.randn(3))
     with pytest.raises(LoweringError, match=r"op aten.add_ at node add_ of graph Counter writes into the "
