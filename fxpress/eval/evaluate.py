@@ -145,7 +145,8 @@ def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None 
         images = load_dataset(name, "train").images
         check_image_shape(fit, images, f"calibration data {name}")
         size = batch_size_for(fit, batch_size, 32)
-        return [(fit_rows(fit, images[start:start + size], size),) for start in range(0, len(images), size)][:count]
+        return [(fit_rows(fit, images[start:start + size], size),)
+                for start in range(0, min(len(images), count * size), size)]
     if model.task == "causal-lm":
         return _lm_calibration(model, source, count, batch_size, fit)
     return _encoder_calibration(model, source, count, batch_size, fit)
