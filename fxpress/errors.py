@@ -7,6 +7,13 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of `err`'s message, at most `limit` characters ("" for an empty message):
+    what a one-line error quotes of the exception beneath it."""
+    lines = str(err).strip().splitlines()
+    return lines[0].strip()[:limit] if lines else ""
+
+
 class FxpressError(Exception):
     """Base of every deliberate fxpress error."""
 

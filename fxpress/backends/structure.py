@@ -22,7 +22,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from fxpress.backends.signature import TensorSpec, dtype_str, torch_dtype
-from fxpress.errors import ArtifactError, LoweringError
+from fxpress.errors import ArtifactError, LoweringError, first_line
 from fxpress.ir import Graph
 from fxpress.ir.opinfo import op_label
 
@@ -297,7 +297,7 @@ def _export(module: torch.nn.Module, tensors: tuple, dims: list[dict[int, str]],
             return torch.export.export(module, tensors, dynamic_shapes=shapes, strict=False)
     except Exception as err:  # noqa: BLE001 - torch.export raises many kinds
         raise LoweringError(f"{backend} backend: cannot re-export graph {name}: {type(err).__name__}: "
-                            f"{str(err).strip().splitlines()[0][:300]}") from err
+                            f"{first_line(err)}") from err
 
 
 def _view_source(node: Any) -> Any:

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import torch
 import torch.fx
 
-from fxpress.errors import CaptureError
+from fxpress.errors import CaptureError, first_line
 from fxpress.ir.builder import mark_captured
 from fxpress.ir.graph import Graph
 from fxpress.zoo.hf_wrap import PretrainedOutput, is_pretrained, with_input_names, wrap_pretrained
@@ -76,7 +76,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: DynamicSpec
         graph.annotate()
     except Exception as err:  # noqa: BLE001 - any failure here is a capture failure
         raise CaptureError(f"captured {name} but could not run the graph on the example inputs: "
-                           f"{_first_line(err)}") from err
+                           f"{first_line(err) or type(err).__name__}") from err
     log.info("captured %s: %d nodes, %d params", name, graph.num_nodes, graph.num_params)
     return graph
 
@@ -267,11 +267,6 @@ def _symbolic_trace(model: torch.nn.Module, name: str) -> torch.fx.GraphModule:
         return torch.fx.symbolic_trace(model)
     except Exception as err:  # noqa: BLE001
         raise CaptureError(_explain(name, err, dynamic=False, traced=True)) from err
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0][:300]
 
 
 def _cause(err: BaseException) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fxpress.errors import CaptureError
+from fxpress.errors import CaptureError, first_line
 
 MEAN_POOLED = "mean_pooled"
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -140,8 +140,7 @@ def _choose_output(wrapper: PretrainedOutput, inputs: tuple, wanted: str | None)
             result = wrapper.model(**kwargs)
     except Exception as err:  # noqa: BLE001 - the user's model may raise anything
         raise CaptureError(f"{model_name} does not run on the example inputs ({', '.join(wrapper.input_names)}): "
-                           f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
-                           ) from err
+                           f"{type(err).__name__}: {first_line(err)}") from err
     fields = [k for k, v in result.items() if isinstance(v, torch.Tensor)] if hasattr(result, "items") else []
     if wanted == MEAN_POOLED and "last_hidden_state" in fields:
         return wanted

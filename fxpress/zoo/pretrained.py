@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fxpress.errors import CaptureError, ZooError
+from fxpress.errors import CaptureError, ZooError, first_line
 from fxpress.zoo import hf, packages
 from fxpress.zoo.hf_wrap import TOKEN_INPUTS, wrap_pretrained
 from fxpress.zoo.models import EXAMPLE_SENTENCES, MAX_BATCH, TASKS, ZooModel
@@ -90,8 +90,7 @@ def _load_config(path: Path):
 
 
 def _reason(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return (lines[0].strip().rstrip(".") if lines else type(err).__name__)[:300]
+    return first_line(err).rstrip(".") or type(err).__name__
 
 
 def _task_of(config, path: Path) -> str:

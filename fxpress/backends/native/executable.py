@@ -25,7 +25,7 @@ import torch
 from fxpress.backends.native.lowering import NativeProgram, lower_native
 from fxpress.backends.signature import TensorSpec
 from fxpress.backends.structure import IOStructure, example_tensor, export_flat
-from fxpress.errors import ArtifactError, LoweringError
+from fxpress.errors import ArtifactError, LoweringError, first_line
 from fxpress.ir import Graph, capture
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def build_native(graph: Graph, *, dynamic: bool = False) -> tuple[NativeExecutab
                            serialize_example_inputs=False).exported_program
     except Exception as err:  # noqa: BLE001 - torch's serializer raises many kinds
         raise LoweringError(f"native backend: cannot serialize graph {graph.name}'s program: "
-                            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}") from err
+                            f"{type(err).__name__}: {first_line(err)}") from err
     tensors = _program_tensors(flat.program)
     native = _lowered(flat.program, flat.example_inputs, _dynamic_dims(flat.inputs), graph.name)
     log.info("native: %s with %d binary layers on the kernels", graph.name, len(native.lowered))
@@ -135,7 +135,7 @@ def load_from_manifest(folder: Path, manifest: dict, params: dict[str, np.ndarra
         raise
     except Exception as err:  # noqa: BLE001 - torch's deserializer raises many kinds
         raise ArtifactError(f"cannot read the native program {folder / manifest['library']}: "
-                            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}") from err
+                            f"{type(err).__name__}: {first_line(err)}") from err
     specs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
     inputs = tuple(example_tensor(spec) for spec in specs)
     native = _lowered(program, inputs, _dynamic_dims(specs), str(manifest.get("name", "model")))
