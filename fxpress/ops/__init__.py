@@ -6,8 +6,9 @@
     binary.py      fxpress::binary_linear / binary_conv2d and their MST-reuse forms
     native_merge.py + token_merge.c   the fused C kernel of bipartite merging (eager CPU path)
     sparse.py      fxpress::sparse_linear (4x1-block / CSR compressed weights); its C kernel: native_sparse.py + sparse_linear.c
+    quant.py       fxpress::quantized_linear / quantized_embedding (group-quantized packed weights)
 
 Importing this package defines every op; the `fxpress` package does so once,
 when it is imported.  Backends depend on this package, never on passes.
 """
-from fxpress.ops import aten, binary, sparse, tokens  # noqa: F401  (defines the ops and their facts)
+from fxpress.ops import aten, binary, quant, sparse, tokens  # noqa: F401  (defines the ops and their facts)

@@ -35,6 +35,7 @@ from fxpress.ir.builder import Builder, Inserter
 from fxpress.ir.graph import Graph
 from fxpress.ir.rewrite import constant_nodes, erase_dead
 from fxpress.ops.binary import BINARY_OPS, TRAINABLE_OPS, ops
+from fxpress.ops.quant import QUANTIZED_OPS
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 
@@ -240,6 +241,11 @@ class Binarize(Pass):
         found = find_layers(graph)
         chosen = select_layers(found, self.layers, self.keep_first_last, self.name)
         if not chosen:
+            quantized = [node for node in graph.fx.nodes if node.target in QUANTIZED_OPS]
+            if quantized:
+                raise PreconditionError(f"no float linear/conv2d layer left to binarize: {len(quantized)} layers are "
+                                        f"quantized ({quantized[0].format_node()}); binarize needs float weights, so "
+                                        "run it before quantize", self.name)
             states = {state: sum(f.state == state for f in found) for state in ("float", "binary", "op")}
             reason = (f"no float linear/conv2d layer left to binarize ({states['op']} already binary ops, "
                       f"{states['float']} float layers kept by keep_first_last)" if found else

@@ -28,6 +28,7 @@ from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
 from fxpress.ir.opinfo import op_info
 from fxpress.ops.binary import MST_OPS
+from fxpress.ops.quant import QUANTIZED_OPS
 from fxpress.analysis.blocks import Block, BlockStack, no_blocks_reason
 from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
@@ -146,6 +147,10 @@ class ShareWeights(Pass):
             raise PreconditionError(f"{planned[0].format_node()} holds an xnor-mst reuse plan computed from its "
                                     "own weights, so blocks cannot share them; run share-weights before xnor-mst",
                                     self.name)
+        quantized = [n for n in graph.fx.nodes if n.target in QUANTIZED_OPS]
+        if quantized and self.policy == "mean":
+            raise PreconditionError(f"{quantized[0].format_node()} reads packed codes, which cannot be averaged; "
+                                    "use policy=first, or run share-weights before quantize", self.name)
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         stack = ctx.analyses.get(graph, MainBlockStack)
@@ -164,4 +169,5 @@ class ShareWeights(Pass):
         return PassResult(new, modified=True, stats={
             "groups": [[b.path for b in members] for members in groups], "retargeted_reads": retargeted,
             "unique_params_before": before_unique, "unique_params": new.num_params,
-            "executed_params_before": before_executed, "executed_params": executed_params(new)})
+            "executed_params_before": before_executed, "executed_params": executed_params(new),
+            "bytes_before": graph.param_bytes, "bytes_after": new.param_bytes})  # packed buffers count here

@@ -48,6 +48,7 @@ from fxpress.analysis.manager import MainBlockStack
 from fxpress.analysis.recorder import ValueRecorder
 from fxpress.errors import PostconditionError, PreconditionError
 from fxpress.ir.graph import Graph
+from fxpress.ops.quant import QUANTIZED_OPS
 from fxpress.passes.depth.distill import Distill, clone_for_training
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.losses import looks_like_lm
@@ -223,6 +224,10 @@ class PruneObs(Pass):
             raise PreconditionError(f"layers={';'.join(self.layers)} matches no linear weight of {graph.name}; "
                                     "the globs match module paths such as model.encoder.layer.0.output.dense",
                                     self.name)
+        quantized = [node for node in graph.fx.nodes if node.target in QUANTIZED_OPS]
+        if not layers and quantized:
+            raise PreconditionError(f"no float linear weight left to prune: {len(quantized)} layers are quantized "
+                                    f"({quantized[0].format_node()}); prune before quantize", self.name)
         if not layers:
             reason = no_blocks_reason(graph) if stack is None else "its residual blocks hold no linear weights"
             return PassResult(graph, modified=False, stats={"sparsity": 0.0, "reason": f"{reason}; name the layers "
