@@ -17,8 +17,8 @@ import importlib
 from typing import Any
 
 from fxpress.errors import (ArtifactError, CalibrationError, CaptureError, FxpressError, LoweringError,
-                            NumericError, PassError, PipelineError, PreconditionError, VerificationError,
-                            ZooError)
+                            NumericError, PassError, PipelineError, PreconditionError, RecipeError,
+                            VerificationError, ZooError)
 
 __version__ = "0.1.0"
 
@@ -27,10 +27,13 @@ _EXPORTS = {
     "fxpress.ir": ("Graph", "NodeInfo", "capture", "verify"),
     "fxpress.passes": ("Pass", "PassContext", "PassManager", "PassResult", "parse_pipeline", "register_pass",
                        "registered_passes"),
+    "fxpress.recipes.compress": ("compress",),
+    "fxpress.recipes.compressed": ("Compressed",),
+    "fxpress.recipes.recipe": ("Recipe", "load_recipe"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBPACKAGES = ("analysis", "backends", "cli", "eval", "export", "ir", "ops", "passes", "training", "utils",
-                "zoo")
+_SUBPACKAGES = ("analysis", "backends", "cli", "eval", "export", "ir", "ops", "passes", "recipes", "training",
+                "utils", "zoo")
 
 
 def _load_core() -> None:
@@ -63,8 +66,8 @@ def trace(model, example_inputs, name: str | None = None):
 
 
 __all__ = [
-    "ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "FxpressError", "Graph",
-    "LoweringError", "compile", "load", "register_lowering",
+    "ArtifactError", "CalibrationError", "CaptureError", "CompiledModel", "Compressed", "FxpressError", "Graph",
+    "LoweringError", "Recipe", "RecipeError", "compile", "compress", "load", "load_recipe", "register_lowering",
     "NodeInfo", "NumericError", "Pass", "PassContext", "PassError", "PassManager", "PassResult",
     "PipelineError", "PreconditionError", "VerificationError", "ZooError", "capture", "parse_pipeline",
     "register_pass", "registered_passes", "trace", "verify", "__version__",

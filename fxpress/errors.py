@@ -80,6 +80,10 @@ class DataError(FxpressError):
     """Evaluation or calibration data is missing, empty, unknown, or does not fit the model or its task."""
 
 
+class RecipeError(FxpressError):
+    """A recipe file is malformed: an unknown key, a value of the wrong type, an unknown source or target."""
+
+
 class ZooError(FxpressError):
     """A zoo model or dataset is unknown or its package is missing."""
 

@@ -94,14 +94,15 @@ class TVMBackend(Backend):
     higher_order = ("cond",)  # TVM's importer makes relax.If of it
 
     def build(self, graph: Graph, target: str, *, dynamic: bool = False, tune_trials: int = 0,
-              tuning_dir: str | Path | None = None, schedule: bool = True) -> Build:
+              tuning_dir: str | Path | None = None, schedule: bool = True,
+              dump_ir: str | Path | None = None) -> Build:
         from fxpress.backends.tvm import prepare_runtime
         from fxpress.backends.tvm.driver import build_tvm
 
         prepare_runtime()
         executable, inputs, structure, info = build_tvm(graph, get_target(target), dynamic=dynamic,
                                                         tune_trials=tune_trials, tuning_dir=tuning_dir,
-                                                        schedule=schedule)
+                                                        schedule=schedule, dump_ir=dump_ir)
         return Build(executable, inputs, structure, info)
 
     def load(self, folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> Any:

@@ -33,12 +33,18 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_pipeline_options(parser: argparse.ArgumentParser, pipeline_default: str | None) -> None:
-    parser.add_argument("--pipeline", default=pipeline_default, required=pipeline_default is None,
-                        help='passes as text, e.g. "fold-constants,dce"')
+    parser.add_argument("--pipeline", default=pipeline_default,
+                        help='passes as text, e.g. "fold-constants,dce"' +
+                             (" (or --recipe FILE)" if pipeline_default is None else ""))
     parser.add_argument("--target", default="eager",
                         help="eager (PyTorch), or compile for llvm, onnx, native, cuda, aarch64, c")
     parser.add_argument("--dump-dir", help="write 000_capture.txt, 001_<pass>.txt, ... here")
-    parser.add_argument("--dump-format", default="txt", help="comma list of txt,dot,json,svg,png")
+    parser.add_argument("--dump-format", default="txt",
+                        help="comma list of txt,dot,json,svg,png,model-explorer,onnx,pt2 (model-explorer: "
+                             "Google Model Explorer JSON; onnx: for Netron; pt2: torch.export.save)")
+    parser.add_argument("--dump-changed-only", action="store_true",
+                        help="with --dump-dir: dump the capture, then only the passes that changed the graph "
+                             "(the numbers keep each pass's position)")
     parser.add_argument("--print-after", action="store_true", help="print the IR after every pass")
     parser.add_argument("--calibration", default="4", metavar="N|SOURCE",
                         help="calibration data: N batches of the model's own training data (0: none; "
@@ -64,15 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collapse", type=int, default=None, help="one line per module at this depth")
     p.set_defaults(handler="cmd_capture")
 
-    p = sub.add_parser("dump", help="write the IR of MODEL as txt, dot, json (svg/png with graphviz)")
+    p = sub.add_parser("dump", help="write the IR of MODEL as txt, dot, json (svg/png with graphviz), "
+                                    "Model Explorer JSON, ONNX or .pt2")
     _add_model(p)
-    p.add_argument("--format", default="txt", help="comma list of txt,dot,json,svg,png")
+    p.add_argument("--format", default="txt",
+                   help="comma list of txt,dot,json,svg,png,model-explorer,onnx,pt2 (see docs/graph-exports.md)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(handler="cmd_dump")
 
     p = sub.add_parser("run", help="run a pass pipeline on MODEL and print the per-pass table")
     _add_model_argument(p)
     _add_pipeline_options(p, None)
+    p.add_argument("--recipe", metavar="FILE.yaml",
+                   help="run a recipe instead of --pipeline: pipeline, calibration, target, eval, exports and "
+                        "report in one YAML file (docs/recipes.md); the same graph as fxpress.compress")
     p.add_argument("--out", help="save the compiled model here (with --target)")
     p.add_argument("--tune-trials", type=int, default=0,
                    help="MetaSchedule trials (target llvm; 0: default schedules)")
@@ -84,9 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "digits, mnist-5k (accuracy)")
     p.add_argument("--eval-items", type=int, metavar="N",
                    help="with --eval: score only the first N images, query pairs or token blocks")
+    p.add_argument("--dump-tvm-ir", metavar="DIR",
+                   help="with a TVM --target: write the lowered Relax module and the scheduled TIR as text to DIR")
     p.add_argument("--export-hf", metavar="DIR",
                    help="write the compressed model as a Hugging Face folder (config + safetensors) to DIR")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="write an HTML report of the run: the pass table, what each pass changed, charts")
     p.set_defaults(handler="cmd_run")
+
+    p = sub.add_parser("sweep", help="run a grid of pipelines (r=[4,8,12]) on MODEL; Pareto front and best recipe")
+    _add_model_argument(p)
+    p.add_argument("--pipeline", required=True, help='a pipeline whose bracketed option values are axes to '
+                                                     'try, e.g. "merge-tokens{r=[0,4,8,12]}" (several: their grid)')
+    p.add_argument("--workers", type=int, default=1, help="points run at once, each in its own process "
+                                                          "with one thread (default 1: one after another here)")
+    p.add_argument("--eval", default="default", metavar="SPEC", help="the metric's data, as for run --eval")
+    p.add_argument("--eval-items", type=int, metavar="N", help="score only the first N items")
+    p.add_argument("--calibration", default="4", metavar="N|SOURCE", help="as for run (default 4 batches)")
+    p.add_argument("--calibration-batches", type=int, default=4, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", default="macs", choices=("macs", "params", "latency"),
+                   help="the cost the front and the best recipe minimize, against the metric (default macs)")
+    p.add_argument("--tolerance", type=float, metavar="X",
+                   help="best recipe: the cheapest point on the front, cheaper than the baseline, whose metric "
+                        "is within X of the baseline's (absolute for accuracy and MRR, default 0.01; relative "
+                        "for perplexity, default 0.05)")
+    p.add_argument("--report", metavar="FILE.html",
+                   help="write an HTML report; beside it the Pareto plots (SVG, PNG) and FILE.json (every number)")
+    p.add_argument("--recipe-out", metavar="FILE.yaml",
+                   help="where to write the best recipe (default <report>.best.yaml, else sweep-best.yaml)")
+    p.add_argument("--max-points", type=int, default=64, metavar="N", help="largest grid to run (default 64)")
+    p.add_argument("--no-latency", action="store_true", help="skip timing the points")
+    p.set_defaults(handler="cmd_sweep")
 
     p = sub.add_parser("bench", help="time a saved compiled model (see run --target T --out DIR)")
     p.add_argument("dir")
@@ -95,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="compress the default model and report before/after")
     p.add_argument("--model", default=DEMO_MODEL)
     p.add_argument("--batch", type=int, default=64, help="batch size for latency")
+    p.add_argument("--report", metavar="FILE.html", default="fxpress-demo.html",
+                   help="where to write the HTML report of the demo (default fxpress-demo.html; '' for none)")
     _add_pipeline_options(p, DEMO_PIPELINE)
     p.set_defaults(handler="cmd_demo", target="llvm")
     return parser
@@ -105,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("run", "demo"):
+        if args.command == "run" and (args.recipe or not args.pipeline):
+            check_recipe_arguments(args)
+        elif args.command in ("run", "demo"):
             from fxpress.cli.target_check import check_pipeline_target
 
             check_pipeline_target(args.pipeline, args.target)
@@ -122,6 +166,38 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+
+
+# `run` options a recipe may come with: where debug output goes, and the report (which overrides the recipe's)
+RECIPE_COMPANIONS = {"command", "handler", "verbose", "threads", "model", "task", "recipe", "pipeline", "report",
+                     "dump_dir", "dump_format", "dump_changed_only", "print_after"}
+
+
+def check_recipe_arguments(args: argparse.Namespace) -> None:
+    """`run`: exactly one of --pipeline and --recipe; no option the recipe sets; the recipe's keys, its
+    model (against MODEL), pipeline and target checked before torch is imported."""
+    if args.pipeline and args.recipe:
+        raise FxpressError("give --pipeline or --recipe, not both (a recipe holds its pipeline)")
+    if not args.recipe:
+        raise FxpressError("run needs --pipeline PASSES or --recipe FILE.yaml")
+    defaults = vars(build_parser().parse_args(["run", args.model]))
+    given = [f"--{key.replace('_', '-')}" for key, value in vars(args).items()
+             if key not in RECIPE_COMPANIONS and value != defaults.get(key)]
+    if given:
+        raise FxpressError(f"{', '.join(given)}: the recipe {args.recipe} sets this; change the recipe "
+                           "(docs/recipes.md) or run with --pipeline")
+    from fxpress.cli.target_check import check_pipeline_target
+    from fxpress.errors import PipelineError
+    from fxpress.recipes.recipe import check_model, load_recipe
+
+    recipe = load_recipe(args.recipe, deep=False)
+    check_model(recipe, args.model)
+    try:
+        check_pipeline_target(recipe.pipeline, recipe.target)
+    except PipelineError as err:
+        raise recipe.fail("pipeline", str(err)) from err
+    except FxpressError as err:
+        raise recipe.fail("target", str(err)) from err
 
 
 def _error(line: str) -> None:

@@ -18,12 +18,14 @@ from fxpress.ir import Graph, capture
 from fxpress.ir.numerics import compare_outputs
 from fxpress.ir.opinfo import op_qualname
 from fxpress.ops.sparse import SPARSE_LINEAR
-from fxpress.ir.printer import format_graph, write_dump
-from fxpress.passes import (DumpToDir, NumericCheck, PassContext, PassManager, PrintAfterPass,
+from fxpress.ir.printer import format_graph
+from fxpress.passes import (NumericCheck, PassContext, PassManager, PrintAfterPass,
                             VerifyAfterPass, registered_passes)
+from fxpress.passes.infra.instruments import Instrument
 from fxpress.passes.infra.registry import format_type, format_value, pass_options
 from fxpress.eval import Source, calibration_batches, evaluate, parse_source, task_loss_for
 from fxpress.eval.evaluate import check_evaluable, describe_data
+from fxpress.report import RunRecorder, run_report
 from fxpress.zoo.specs import resolve_model
 from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import ZooModel
@@ -83,11 +85,13 @@ def cmd_capture(args) -> int:
 
 
 def cmd_dump(args) -> int:
-    """Write the IR of MODEL as text, DOT and/or JSON."""
+    """Write the IR of MODEL as text, DOT, JSON, Model Explorer JSON, ONNX and/or .pt2."""
+    from fxpress.export.graph_files import parse_formats, write_graph_files
+
+    formats = parse_formats(args.format)  # a typo fails before the model loads
     model = _load(args.model, getattr(args, "task", None))
     graph = _capture(model, args.static, args.method)
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
-    written = write_dump(graph, Path(args.out), model.name.replace(":", "_"), formats)
+    written = write_graph_files(graph, Path(args.out), model.name.replace(":", "_"), formats)
     for path in written:
         console.print(f"wrote {path}", markup=False)
     return 0
@@ -113,19 +117,16 @@ def _pipeline_context(model: ZooModel, args, graph: Graph) -> PassContext:
                        loss=task_loss_for(model))
 
 
-def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, list]:
-    """Capture, then run `pipeline` with verification and numeric checks; print the table."""
+def run_pipeline(model: ZooModel, pipeline: str, args, recorder: Instrument | None = None) -> tuple[Graph, Graph, list]:
+    """Capture, then run `pipeline` with verification and numeric checks; print the table.
+    `recorder` (a report's RunRecorder) sees every pass too."""
     if args.target not in TARGETS:
         raise FxpressError(f"unknown target '{args.target}'; available targets: {', '.join(TARGETS)}")
     # parse and check against the target before the slow work, so typos and impossible targets fail fast
     manager = PassManager(pipeline, target=None if args.target == "eager" else args.target)
     graph = _capture(model)
-    instruments = [VerifyAfterPass(), NumericCheck()]
-    if args.dump_dir:
-        instruments.append(DumpToDir(args.dump_dir, formats=tuple(args.dump_format.split(","))))
-    if args.print_after:
-        instruments.append(PrintAfterPass(stream=console.file))
-    manager.instruments = instruments
+    manager.instruments = [VerifyAfterPass(), NumericCheck(), *([recorder] if recorder else []),
+                           *debug_instruments(args)]
     result = manager.run(graph, _pipeline_context(model, args, graph))
     console.print(pass_table(result.reports))
     return graph, result.graph, result.reports
@@ -133,6 +134,11 @@ def run_pipeline(model: ZooModel, pipeline: str, args) -> tuple[Graph, Graph, li
 
 def cmd_run(args) -> int:
     """Run a pipeline on MODEL and print the per-pass table (and, with --eval, the metric before and after)."""
+    from fxpress.cli.compile_cmds import check_dump_options
+
+    check_dump_options(args)
+    if getattr(args, "recipe", None):
+        return run_recipe_file(args)
     eval_source = parse_source(args.eval) if args.eval else None  # a bad file or name fails before loading
     calibration, count = calibration_plan(args)
     model = _load(args.model, getattr(args, "task", None))
@@ -140,33 +146,107 @@ def cmd_run(args) -> int:
         check_evaluable(model, eval_source)
     if count and calibration.kind != "default":
         check_evaluable(model, calibration, "calibration")
-    captured, compressed, _ = run_pipeline(model, args.pipeline, args)
+    recorder = RunRecorder() if args.report else None
+    captured, compressed, reports = run_pipeline(model, args.pipeline, args, recorder)
     if args.dump_dir:
         console.print(f"dumps in {args.dump_dir}", markup=False)
-    if eval_source is not None:
-        print_metrics(model, captured, compressed, eval_source, args.eval_items)
+    metrics = print_metrics(model, captured, compressed, eval_source, args.eval_items) if eval_source else {}
+    compiled = None
     if args.target == "native":
         run_on_native(model, compressed, args)
     elif args.target != "eager":
         from fxpress.cli.compile_cmds import compile_and_save
 
-        compile_and_save(compressed, args.target, args.out, console,
-                         tune_trials=args.tune_trials, tuning_dir=args.tuning_dir)
+        compiled = compile_and_save(compressed, args.target, args.out, console,
+                                    tune_trials=args.tune_trials, tuning_dir=args.tuning_dir,
+                                    dump_ir=args.dump_tvm_ir)
     elif args.out:
         raise FxpressError("--out saves a compiled model: pass --target too (e.g. --target llvm)")
     if args.export_hf:
         export_hugging_face(model, compressed, args.export_hf)
+    if args.report:
+        compile_info = [compiled_row(args.target, compiled, compressed, model.example_inputs)] if compiled else []
+        write_report(args.report, model, args.pipeline, captured, compressed, reports, recorder,
+                     metrics=metrics, compile_info=compile_info)
     return 0
 
 
-def print_metrics(model: ZooModel, before: Graph, after: Graph, source: Source, items: int | None) -> None:
-    """The metric of the captured graph (equal to the eager model) and of the compressed one, as a table."""
+def debug_instruments(args) -> list[Instrument]:
+    """--dump-dir and --print-after as pass instruments."""
+    instruments: list[Instrument] = []
+    if args.dump_dir:
+        from fxpress.cli.compile_cmds import dump_instrument
+
+        instruments.append(dump_instrument(args))
+    if args.print_after:
+        instruments.append(PrintAfterPass(stream=console.file))
+    return instruments
+
+
+def compress_recipe(args):
+    """`run MODEL --recipe FILE` up to the compressed model: `fxpress.compress` with the recipe, so the graph is
+    the one Python gets; the CLI adds a progress bar, --dump-dir / --print-after and --report."""
+    from fxpress.recipes.compress import compress
+    from fxpress.recipes.recipe import check_model, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    check_model(recipe, args.model)
+    model = _load(args.model, getattr(args, "task", None))
+    return compress(model, recipe, progress=RichProgress(), instruments=debug_instruments(args),
+                    report=getattr(args, "report", None))
+
+
+def run_recipe_file(args) -> int:
+    """`run MODEL --recipe FILE`: compress as the recipe says, then print the pass table, the metrics, the
+    compilation and what the recipe wrote."""
+    done = compress_recipe(args)
+    model = done.model
+    console.print(pass_table(done.reports))
+    if args.dump_dir:
+        console.print(f"dumps in {args.dump_dir}", markup=False)
+    if done.metrics:
+        console.print(compare_table(f"{model.name}: before vs after the pipeline", done.metrics))
+    if done.compiled is not None:
+        console.print(f"compiled for {done.compiled.target} in {done.compiled.info['compile_s']:.1f} s"
+                      + (f"; tuning: {done.compiled.info['tuning']}" if "tuning" in done.compiled.info else ""),
+                      markup=False)
+    for key, path in done.written.items():
+        console.print(f"{key}: wrote {path}", markup=False)
+    return 0
+
+
+def compiled_row(target: str, compiled, graph: Graph, inputs: tuple) -> dict[str, object]:
+    """A row of the report's compile table: target, compile time, tuning, error vs the graph."""
+    with torch.no_grad():
+        error = compare_outputs(graph(*inputs), compiled(*inputs))
+    row: dict[str, object] = {"target": target, "compile s": round(compiled.info["compile_s"], 2),
+                              "max abs error vs graph": error.max_abs, "cosine vs graph": round(error.cosine, 6)}
+    if "tuning" in compiled.info:
+        row["tuning"] = str(compiled.info["tuning"])
+    return row
+
+
+def write_report(path: str, model: ZooModel, pipeline: str, before: Graph, after: Graph, reports: list,
+                 recorder: RunRecorder | None, **sections) -> None:
+    """--report FILE: the HTML report of the run."""
+    with console.status(f"writing the report {path}..."):
+        written = run_report(model_name=model.name, description=model.description, pipeline=pipeline,
+                             before=before, after=after, reports=reports, recorder=recorder,
+                             **sections).write(path)
+    console.print(f"report: {written}", markup=False)
+
+
+def print_metrics(model: ZooModel, before: Graph, after: Graph, source: Source,
+                  items: int | None) -> dict[str, tuple[object, object]]:
+    """The metric of the captured graph (equal to the eager model) and of the compressed one, as a table;
+    returns the rows."""
     with console.status(f"evaluating {model.name} on {source}..."):
         metrics_before = evaluate(model, before, source, max_items=items)
         metrics_after = evaluate(model, after, source, max_items=items)
     data = describe_data(model, source)
     rows = {f"{name} ({data})": (value, metrics_after.get(name)) for name, value in metrics_before.items()}
     console.print(compare_table(f"{model.name}: before vs after the pipeline", rows))
+    return rows
 
 
 def export_hugging_face(model: ZooModel, graph: Graph, folder: str) -> None:
@@ -206,6 +286,13 @@ def cmd_bench(args) -> int:
     return bench(args, console)
 
 
+def cmd_sweep(args) -> int:
+    """Run a grid of pipelines on MODEL; print the table, write the Pareto plots, report and best recipe."""
+    from fxpress.cli.sweep_cmd import cmd_sweep as sweep
+
+    return sweep(args)
+
+
 def cmd_demo(args) -> int:
     """Compress the default model, compile it for the host CPU; report accuracy, params, MACs and
     latency (eager and compiled) before and after."""
@@ -217,7 +304,8 @@ def cmd_demo(args) -> int:
     model = _load(args.model, getattr(args, "task", None))
     console.print(f"[bold]{model.name}[/bold]: {model.description}")
     console.print(f"pipeline: {args.pipeline}", markup=False)
-    before, after, _ = run_pipeline(model, args.pipeline, args)
+    recorder = RunRecorder() if args.report else None
+    before, after, reports = run_pipeline(model, args.pipeline, args, recorder)
     with console.status("evaluating on the held-out split..."):
         metrics_before, metrics_after = evaluate(model, model.module), evaluate(model, after)
     rows: dict[str, tuple[object, object]] = {
@@ -225,39 +313,45 @@ def cmd_demo(args) -> int:
     rows |= {"params": (before.num_params, after.num_params), "MACs": (before.macs, after.macs),
              "nodes": (before.num_nodes, after.num_nodes)}
     inputs = _latency_inputs(model, args.batch)
-    timed = {"before": model.module, "after": after}
+    timed, compile_info = {"before": model.module, "after": after}, []
     if args.target != "eager":
-        timed |= _compile_for_demo(before, after, args.target, inputs)
+        compiled, compile_info = _compile_for_demo(before, after, args.target, inputs)
+        timed |= compiled
     with console.status(f"timing at batch {args.batch}..."):
         latency = interleaved_latency(timed, inputs)
     threads = f"batch {args.batch}, {torch.get_num_threads()} thread"
-    rows[f"latency ms (eager, {threads})"] = (latency["before"].median_ms, latency["after"].median_ms)
+    latency_rows = {f"latency ms (eager, {threads})": (latency["before"].median_ms, latency["after"].median_ms)}
     if args.target != "eager":
-        rows[f"latency ms ({args.target}, {threads})"] = (latency[f"before {args.target}"].median_ms,
-                                                          latency[f"after {args.target}"].median_ms)
-    console.print(compare_table(f"{model.name}: before vs after", rows))
+        latency_rows[f"latency ms ({args.target}, {threads})"] = (latency[f"before {args.target}"].median_ms,
+                                                                  latency[f"after {args.target}"].median_ms)
+    console.print(compare_table(f"{model.name}: before vs after", rows | latency_rows))
+    if args.report:
+        metrics = {name: rows[name] for name in metrics_before}
+        write_report(args.report, model, args.pipeline, before, after, reports, recorder, metrics=metrics,
+                     latency=latency_rows, compile_info=compile_info)
     return 0
 
 
-def _compile_for_demo(before: Graph, after: Graph, target: str, inputs: tuple) -> dict:
-    """Both graphs compiled for `target` at the timing inputs' shapes, checked against eager.
+def _compile_for_demo(before: Graph, after: Graph, target: str, inputs: tuple) -> tuple[dict, list[dict]]:
+    """Both graphs compiled for `target` at the timing inputs' shapes, checked against eager; and a
+    report row for each.
 
     Static shapes: TVM's schedules pad and tile a known batch; a symbolic one runs slower.
     """
     from fxpress.backends import compile as compile_graph
 
-    compiled = {}
+    compiled, rows = {}, []
     for label, graph in (("before", before), ("after", after)):
         at_batch = Graph(graph.module, inputs, name=graph.name, source=graph.source)
         with console.status(f"compiling the {label} graph for {target}..."):
             program = compile_graph(at_batch, target)
         program.set_threads(torch.get_num_threads())
-        with torch.no_grad():
-            error = compare_outputs(graph(*inputs), program(*inputs))
-        console.print(f"{label}: compiled for {target} in {program.info['compile_s']:.1f} s; "
-                      f"max abs error vs eager {error.max_abs:.2g}", markup=False)
+        row = {"graph": label, **compiled_row(target, program, graph, inputs)}
+        console.print(f"{label}: compiled for {target} in {row['compile s']:.1f} s; "
+                      f"max abs error vs eager {row['max abs error vs graph']:.2g}", markup=False)
         compiled[f"{label} {target}"] = program
-    return compiled
+        rows.append(row)
+    return compiled, rows
 
 
 def _latency_inputs(model: ZooModel, batch: int) -> tuple:

@@ -1,4 +1,5 @@
-"""Command bodies for the CLI: `fxpress run ... --target T --out DIR` and `fxpress bench DIR`.
+"""Command bodies for the CLI: `fxpress run ... --target T --out DIR`, `fxpress bench DIR`, and the
+dump options of `fxpress run` (--dump-dir, --dump-format, --dump-changed-only, --dump-tvm-ir).
 
 The CLI (fxpress/cli) registers these; they return exit codes and print
 through the CLI's rich console.
@@ -8,17 +9,46 @@ from __future__ import annotations
 from pathlib import Path
 
 from fxpress.backends import CompiledModel, available_targets, compile, load  # noqa: A004 - fxpress.compile
+from fxpress.backends.registry import backend_for_target
 from fxpress.errors import FxpressError
+from fxpress.export.graph_files import GRAPH_FILE_WRITERS, parse_formats
 from fxpress.ir import Graph
+from fxpress.passes import DumpToDir
 
 
 def compile_and_save(graph: Graph, target: str, out: str | None, console, tune_trials: int = 0,
-                     tuning_dir: str | None = None) -> CompiledModel:
-    """After `fxpress run`'s pipeline: compile the result for `target`, save to `out`, report."""
-    compiled = compile_for(graph, target, console, tune_trials=tune_trials, tuning_dir=tuning_dir)
+                     tuning_dir: str | None = None, dump_ir: str | None = None) -> CompiledModel:
+    """After `fxpress run`'s pipeline: compile the result for `target`, save to `out`, report.
+    dump_ir: a folder for TVM's IR as text (TVM targets)."""
+    options = {"dump_ir": dump_ir} if dump_ir else {}
+    compiled = compile_for(graph, target, console, tune_trials=tune_trials, tuning_dir=tuning_dir, **options)
+    if dump_ir:
+        console.print(f"TVM IR in {dump_ir}", markup=False)
     if out:
         save_compiled(compiled, out, console)
     return compiled
+
+
+def check_dump_options(args) -> None:
+    """Fail before any model loads for a bad --dump-format, --dump-changed-only without --dump-dir, or
+    --dump-tvm-ir without a TVM target."""
+    parse_formats(args.dump_format)
+    if getattr(args, "dump_changed_only", False) and not args.dump_dir:
+        raise FxpressError("--dump-changed-only says which passes --dump-dir dumps: pass --dump-dir DIR too")
+    if getattr(args, "dump_tvm_ir", None):
+        tvm_targets = sorted((t for t in available_targets() if backend_for_target(t).name == "tvm"),
+                             key=lambda t: t != "llvm")
+        if args.target not in tvm_targets:
+            raise FxpressError(f"--dump-tvm-ir writes TVM's IR: use --target {tvm_targets[0]} (or "
+                               f"{', '.join(tvm_targets[1:])}), not {args.target!r}")
+
+
+def dump_instrument(args) -> DumpToDir | None:
+    """The DumpToDir of --dump-dir (every dump format, --dump-changed-only), or None without it."""
+    if not args.dump_dir:
+        return None
+    return DumpToDir(args.dump_dir, formats=parse_formats(args.dump_format), writers=GRAPH_FILE_WRITERS,
+                     changed_only=getattr(args, "dump_changed_only", False))
 
 
 def compile_for(graph: Graph, target: str, console, **options) -> CompiledModel:

@@ -117,7 +117,7 @@ def _lm_blocks(model: ZooModel, dataset: str, split: str, count: int) -> torch.T
 
 
 def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None = None, *,
-                        source: str | Source = "default", like: Any = None) -> list[tuple]:
+                        source: str | Source = "default", like: Any = None, split: str = "train") -> list[tuple]:
     """`count` input batches like `model.example_inputs`, from training-side data.
 
     Classifiers: images from the "train" split.  Causal LMs: Shakespeare
@@ -127,9 +127,9 @@ def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None 
     inputs, repeated.
 
     `source`: ``text:FILE`` (causal LMs: blocks from the whole file) or a dataset name fitting the task
-    (its "train" split) instead of the default.  `like`: the Graph or compiled model the batches are
-    for; its static batch size and sequence length win over the defaults.  A text too short for
-    `count` batches gives fewer (at least one); `count=0` gives none.
+    (its `split`: "train" unless asked, see fxpress.zoo.datasets) instead of the default.  `like`: the
+    Graph or compiled model the batches are for; its static batch size and sequence length win over the
+    defaults.  A text too short for `count` batches gives fewer (at least one); `count=0` gives none.
     """
     if count < 0:
         raise DataError(f"calibration batches must be >= 0, got {count}")
@@ -142,21 +142,21 @@ def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None 
     check_evaluable(model, source, "calibration")
     if model.task == "classification":
         name = model.dataset if source.kind == "default" else source.value
-        images = load_dataset(name, "train").images
+        images = load_dataset(name, split).images
         check_image_shape(fit, images, f"calibration data {name}")
         size = batch_size_for(fit, batch_size, 32)
         return [(fit_rows(fit, images[start:start + size], size),)
                 for start in range(0, min(len(images), count * size), size)]
     if model.task == "causal-lm":
-        return _lm_calibration(model, source, count, batch_size, fit)
-    return _encoder_calibration(model, source, count, batch_size, fit)
+        return _lm_calibration(model, source, count, batch_size, fit, split)
+    return _encoder_calibration(model, source, count, batch_size, fit, split)
 
 
 def _lm_calibration(model: ZooModel, source: Source, count: int, batch_size: int | None,
-                    fit: Any) -> list[tuple]:
+                    fit: Any, split: str = "train") -> list[tuple]:
     size = batch_size_for(fit, batch_size, 2)
     length = seq_len_for(fit, None, LM_BLOCK_LEN)
-    text = load_text(Source("dataset", LM_CALIBRATION_TEXT) if source.kind == "default" else source, "train")
+    text = load_text(Source("dataset", LM_CALIBRATION_TEXT) if source.kind == "default" else source, split)
     blocks = token_blocks(_tokenizer(model), text, length, count * size, f"calibration data {source}")
     if len(blocks) < count * size:
         log.warning("calibration data %s has %d blocks of %d tokens: %d batches instead of %d",
@@ -165,7 +165,7 @@ def _lm_calibration(model: ZooModel, source: Source, count: int, batch_size: int
 
 
 def _encoder_calibration(model: ZooModel, source: Source, count: int, batch_size: int | None,
-                         fit: Any) -> list[tuple]:
+                         fit: Any, split: str = "train") -> list[tuple]:
     rows = fixed_size(fit, 0)
     if rows is not None and (rows % 2 or (batch_size is not None and 2 * batch_size != rows)):
         raise DataError(f"an encoder calibrates on (query, document) pairs: its static batch of {rows} rows "
@@ -173,7 +173,7 @@ def _encoder_calibration(model: ZooModel, source: Source, count: int, batch_size
     size = rows // 2 if rows is not None else batch_size or PAIRS_PER_BATCH
     max_len = seq_len_for(fit, None, MAX_LEN)
     name = DOCS if source.kind == "default" else source.value
-    train = load_dataset(name, "train", max_items=count * size)
+    train = load_dataset(name, split, max_items=count * size)
     if len(train) < size:
         raise DataError(f"calibration data {name} has {len(train)} pairs, fewer than one batch of {size}")
     return paired_batches(_tokenizer(model), list(zip(train.titles, train.texts)), size, max_len)[:count]

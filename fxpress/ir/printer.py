@@ -14,6 +14,10 @@ depends on ids, addresses or hash order, so the same graph prints the same
 bytes in any process.  `collapse=k` prints one line per run of nodes owned
 by the same module truncated to k path components, for models with
 thousands of nodes.
+
+`write_dump` writes these forms to files; formats that need the layers
+above ir (Model Explorer JSON, ONNX, .pt2) come in as `writers` from
+:mod:`fxpress.export.graph_files`.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import math
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx
@@ -37,6 +41,9 @@ log = logging.getLogger(__name__)
 TOP = "<top>"  # how the root module's path "" is shown
 DUMP_FORMATS = ("txt", "dot", "json", "svg", "png")
 RENDER_FORMATS = ("svg", "png")
+# A writer for a format the printer does not know: (graph, folder, stem) -> the path it wrote.
+# fxpress.export passes its own (Model Explorer, ONNX, .pt2) to write_dump; the printer imports nothing above ir.
+GraphFileWriter = Callable[[Graph, Path, str], Path]
 
 
 # -- values -----------------------------------------------------------------------------
@@ -364,27 +371,45 @@ def format_json(graph: Graph) -> str:
 
 
 # -- dumps --------------------------------------------------------------------------------
+def dump_formats(writers: Mapping[str, GraphFileWriter] | None = None) -> tuple[str, ...]:
+    """Every format `write_dump` takes: the printer's own, then those `writers` add."""
+    return DUMP_FORMATS + tuple(fmt for fmt in (writers or {}) if fmt not in DUMP_FORMATS)
+
+
+def check_dump_formats(formats: tuple[str, ...] | list[str],
+                       writers: Mapping[str, GraphFileWriter] | None = None) -> tuple[str, ...]:
+    """`formats` without repeats; FxpressError naming every allowed format when one is unknown or none is given."""
+    allowed = dump_formats(writers)
+    unknown = [fmt for fmt in formats if fmt not in allowed]
+    if unknown or not formats:
+        given = ", ".join(repr(fmt) for fmt in unknown) or "none"
+        raise FxpressError(f"unknown dump format {given}; use any of {', '.join(allowed)} (comma-separated)")
+    return tuple(dict.fromkeys(formats))
+
+
 def write_dump(graph: Graph, directory: str | Path, stem: str, formats: tuple[str, ...] = ("txt",),
-               *, collapse: int | None = None) -> list[Path]:
+               *, collapse: int | None = None, writers: Mapping[str, GraphFileWriter] | None = None) -> list[Path]:
     """Write `stem.txt` / `.dot` / `.json` / `.svg` / `.png` into `directory`; return the paths written.
 
     When svg or png is asked for and graphviz is missing (or fails), the .dot
-    file is written instead and a warning is logged.
+    file is written instead and a warning is logged.  `writers` adds formats
+    by name (fxpress.export.graph_files: model-explorer, onnx, pt2); every
+    format is checked before anything is written.
     """
-    unknown = [f for f in formats if f not in DUMP_FORMATS]
-    if unknown:
-        raise FxpressError(f"unknown dump format(s) {unknown}; use any of {', '.join(DUMP_FORMATS)}")
+    formats = check_dump_formats(formats, writers)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     texts = {"txt": lambda: format_graph(graph, collapse=collapse), "json": lambda: format_json(graph),
              "dot": lambda: to_dot(graph, collapse=collapse)}
-    for fmt in dict.fromkeys(formats):
+    for fmt in formats:
         if fmt in texts:
             path = folder / f"{stem}.{fmt}"
             path.write_text(texts[fmt]())
-        else:
+        elif fmt in RENDER_FORMATS:
             path = _render_or_warn(to_dot(graph, collapse=collapse), folder / stem, fmt)
+        else:
+            path = writers[fmt](graph, folder, stem)
         if path not in written:
             written.append(path)
     return written

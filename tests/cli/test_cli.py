@@ -62,17 +62,6 @@ def test_run_prints_table_and_dumps(tmp_path):
     assert "batch_norm" not in (tmp_path / "003_dce.txt").read_text()
 
 
-def test_demo_reports_before_and_after_and_compiles_both_for_the_host_cpu():
-    result = fxpress("demo")
-    assert result.returncode == 0, result.stderr
-    for row in ("accuracy", "params", "MACs", "latency ms (eager", "latency ms (llvm"):
-        assert row in result.stdout
-    errors = re.findall(r"(before|after): compiled for llvm in [\d.]+ s; max abs error vs eager ([\d.e+-]+)",
-                        result.stdout)
-    assert [label for label, _ in errors] == ["before", "after"]
-    assert all(float(error) < 1e-4 for _, error in errors)
-
-
 @pytest.mark.parametrize("args, fragments", [
     (("capture", "no-such-model"), ("unknown model 'no-such-model'", "vit-mnist")),
     (("run", "cnn-digits", "--pipeline", "dce{x=1}"), ("pass 'dce' has no option 'x'",)),

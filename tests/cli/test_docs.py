@@ -24,7 +24,8 @@ def run_block(code: str, filename: str, module_name: str, monkeypatch) -> None:
     exec(compile(code, filename, "exec"), module.__dict__)
 
 
-@pytest.mark.parametrize("page", ["write-a-pass.md", "binary.md", "byo-model.md", "export.md", "tokens.md"])
+@pytest.mark.parametrize("page", ["write-a-pass.md", "binary.md", "byo-model.md", "export.md", "tokens.md",
+                                  "report.md", "recipes.md"])
 def test_doc_examples_run(page, monkeypatch):
     blocks = python_blocks(DOCS / page)
     assert blocks, f"{page} has no python example"

@@ -32,8 +32,9 @@ def make_target(spec: TargetSpec):
 
 
 def compile_relax(lowered: Lowered, spec: TargetSpec, *, database_dir: str | None = None,
-                  schedule: bool = True):
-    """``tvm.compile`` with fxpress's pipeline; returns (VMExecutable, seconds)."""
+                  schedule: bool = True, dump_ir: str | Path | None = None):
+    """``tvm.compile`` with fxpress's pipeline; returns (VMExecutable, seconds).  dump_ir: a folder for
+    the module as TVMScript after fusion and after scheduling (:func:`.pipeline.build_pipeline`)."""
     import tvm
 
     from fxpress.backends.tvm.pipeline import build_pipeline
@@ -43,7 +44,7 @@ def compile_relax(lowered: Lowered, spec: TargetSpec, *, database_dir: str | Non
     try:
         executable = tvm.compile(lowered.mod, target,
                                  relax_pipeline=build_pipeline(target, database_dir=database_dir,
-                                                               schedule=schedule))
+                                                               schedule=schedule, dump_dir=dump_ir))
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds
         raise LoweringError(f"TVM failed to compile for {spec.name}: {type(err).__name__}: "
                             f"{str(err).strip().splitlines()[-1][:400]}") from err
@@ -116,9 +117,10 @@ class UnloadedTVMExecutable(TVMExecutable):
 
 
 def build_executable(lowered: Lowered, spec: TargetSpec, *, database_dir: str | None = None,
-                     schedule: bool = True):
+                     schedule: bool = True, dump_ir: str | Path | None = None):
     """Compile and wrap; returns (executable, compile seconds)."""
-    library, seconds = compile_relax(lowered, spec, database_dir=database_dir, schedule=schedule)
+    library, seconds = compile_relax(lowered, spec, database_dir=database_dir, schedule=schedule,
+                                     dump_ir=dump_ir)
     if not spec.runs_on_host():
         return UnloadedTVMExecutable(library, lowered.params, lowered.param_names, spec.name), seconds
     device = "cuda" if spec.name == "cuda" else "cpu"

@@ -12,24 +12,30 @@ from fxpress.ir.opinfo import op_label
 
 
 def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int,
-              tuning_dir: str | Path | None, schedule: bool) -> tuple:
+              tuning_dir: str | Path | None, schedule: bool, dump_ir: str | Path | None = None) -> tuple:
     """(executable, input signature, IOStructure, info) for `graph` compiled for `spec`.
 
     tune_trials / tuning_dir: MetaSchedule tuning (llvm only) into a JSON database; a later build with
     the same folder reuses it.  schedule: fxpress's default CPU schedules (False: TVM's naive loops).
+    dump_ir: a folder for the IR as TVMScript text: ``00_lowered.relax.py`` (the Relax module lowered
+    from the graph), ``01_fused.tir.py`` and ``02_scheduled.tir.py`` (before and after the schedules).
     """
     from fxpress.backends.tvm import load_rules
     from fxpress.backends.tvm.build import build_executable
     from fxpress.backends.tvm.lowering import to_relax
+    from fxpress.backends.tvm.pipeline import write_ir
 
     load_rules()
     lowered = to_relax(graph, dynamic=dynamic)
+    if dump_ir is not None:
+        write_ir(lowered.mod, dump_ir, "00_lowered.relax.py")
     info: dict = {}
     database = None
     if tune_trials or tuning_dir:
         database, info["tuning"] = tune_lowered(lowered, spec, tune_trials, tuning_dir, fast_math=schedule)
     try:
-        executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule)
+        executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule,
+                                               dump_ir=dump_ir)
     except LoweringError as err:
         blamed = blame_intrinsic(graph, spec.name, str(err))
         if blamed is None:

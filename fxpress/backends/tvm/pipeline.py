@@ -13,11 +13,21 @@ libm's expf/erff run one lane at a time), then adds, after fusion:
 ``LiftTransformParams`` runs first so weight-only work (transposes of
 linear weights, layout changes) moves to ``main_transform_params`` and runs
 once at load time instead of on every call.
+
+With a dump folder the pipeline writes the module as TVMScript after fusion
+(``01_fused.tir.py``, TIR still naive) and after scheduling
+(``02_scheduled.tir.py``, what the build turns into code); the driver writes
+the Relax module it lowered first (``00_lowered.relax.py``).
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import tvm
 from tvm import relax
+
+log = logging.getLogger(__name__)
 
 
 def _take_wrapping_indices(bb, call):
@@ -94,16 +104,31 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
         return seq(mod)
 
 
+def write_ir(mod: tvm.IRModule, folder: str | Path, name: str) -> Path:
+    """Write `mod` as TVMScript text (``mod.script()``) to `folder/name`; returns the path."""
+    path = Path(folder) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(mod.script() + "\n")
+    log.info("wrote %s", path)
+    return path
+
+
 def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None,
-                   schedule: bool = True) -> tvm.transform.Pass:
-    """The whole Relax pipeline for `target` (pass it to ``tvm.compile(relax_pipeline=...)``)."""
+                   schedule: bool = True, dump_dir: str | Path | None = None) -> tvm.transform.Pass:
+    """The whole Relax pipeline for `target` (pass it to ``tvm.compile(relax_pipeline=...)``).
+
+    dump_dir: write the module after fusion and after scheduling there (see the module docstring).
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="fxpress_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             mod = fused_module(mod, target, fast_math=schedule and target.kind.name == "llvm")
-            seq = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule)
-                                           + _lower_and_finalize(cuda=target.kind.name == "cuda"))
-            return seq(mod)
+            if dump_dir is not None:
+                write_ir(mod, dump_dir, "01_fused.tir.py")
+            mod = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule))(mod)
+            if dump_dir is not None:
+                write_ir(mod, dump_dir, "02_scheduled.tir.py")
+            return tvm.transform.Sequential(_lower_and_finalize(cuda=target.kind.name == "cuda"))(mod)
 
     return _pipeline

@@ -9,7 +9,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TextIO
 
 from fxpress.errors import NumericError
 from fxpress.ir.graph import Graph
@@ -62,12 +62,28 @@ class PrintAfterPass(Instrument):
 
 @dataclass
 class DumpToDir(Instrument):
-    """Writes `000_capture.txt`, `001_<pass>.txt`, ... (and .dot/.json when asked) to a folder."""
+    """Writes `000_capture.txt`, `001_<pass>.txt`, ... (and .dot/.json when asked) to a folder.
+
+    writers: formats beyond the printer's, by name (fxpress.export.graph_files.GRAPH_FILE_WRITERS
+    adds model-explorer, onnx and pt2); every format is checked when the instrument is made.
+    changed_only: after the capture, dump only the passes that modified the graph; the files keep
+    the pass's position in the pipeline, so a gap in the numbers is a pass that did nothing.
+    A format that cannot be written for some graph (ONNX has no form of the ops passes insert) is
+    a logged warning, recorded in `failed`, not a failed pipeline.
+    """
 
     directory: Path | str
     formats: tuple[str, ...] = ("txt",)
+    writers: Mapping[str, Callable[[Graph, Path, str], Path]] | None = None
+    changed_only: bool = False
     written: list[Path] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     _index: int = 0
+
+    def __post_init__(self) -> None:
+        from fxpress.ir.printer import check_dump_formats
+
+        self.formats = check_dump_formats(tuple(self.formats), self.writers)
 
     def before_pipeline(self, graph, ctx) -> None:
         Path(self.directory).mkdir(parents=True, exist_ok=True)
@@ -75,14 +91,25 @@ class DumpToDir(Instrument):
         self._dump(graph, "capture")
 
     def after_pass(self, pass_, before, result, ctx, report) -> None:
+        if self.changed_only and not result.modified:
+            self._index += 1  # the number stays taken: the gap shows the pass changed nothing
+            return
         self._dump(result.graph, pass_.name)
 
     def _dump(self, graph: Graph, label: str) -> None:
+        from fxpress.errors import FxpressError
         from fxpress.ir.printer import write_dump
 
         stem = f"{self._index:03d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', label)}"
-        self.written.extend(write_dump(graph, Path(self.directory), stem, self.formats))
         self._index += 1
+        for fmt in self.formats:
+            try:
+                paths = write_dump(graph, Path(self.directory), stem, (fmt,), writers=self.writers)
+            except FxpressError as err:
+                log.warning("could not dump %s as %s: %s", stem, fmt, err)
+                self.failed.append(f"{stem}.{fmt}: {err}")
+                continue
+            self.written.extend(path for path in paths if path not in self.written)
 
 
 class VerifyAfterPass(Instrument):

@@ -18,6 +18,8 @@ from fxpress.errors import OptionError, PipelineError
 
 _REGISTRY: dict[str, type] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+# An option value that is one bracketed list, `r=[4,8]`: a sweep grid's axis (fxpress.recipes.sweep), not a value.
+_GRID_AXIS = re.compile(r"=\s*(\[[^\[\]{}]*\])\s*(?=[,}])")
 
 
 def register_pass(cls: type) -> type:
@@ -79,6 +81,11 @@ def parse_pipeline(text: str) -> list[Any]:
     """Parse `"a{x=1},b"` into pass instances, checking names, options and values."""
     if not text or not text.strip():
         return []
+    axis = _GRID_AXIS.search(text)
+    if axis:
+        raise PipelineError(f"pipeline {text!r}: {axis.group(1)} is a sweep grid of values to try; run it with "
+                            f"fxpress sweep MODEL --pipeline ..., or write one value (a list option is "
+                            f"written x=1;2)")
     passes = []
     for item in _split_top_level(text.strip()):
         if not item:
