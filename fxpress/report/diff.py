@@ -31,11 +31,12 @@ class ModuleDelta:
     macs_after: int = 0
     params_before: int = 0
     params_after: int = 0
+    weights_changed: int = 0  # parameters kept under the same name whose values changed (training)
 
     @property
     def changed(self) -> bool:
-        return bool(self.added or self.removed or self.rewired or self.macs_before != self.macs_after
-                    or self.params_before != self.params_after)
+        return bool(self.added or self.removed or self.rewired or self.weights_changed
+                    or self.macs_before != self.macs_after or self.params_before != self.params_after)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class GraphDiff:
         parts = [f"+{self.counts['added']} nodes" if self.counts.get("added") else "",
                  f"-{self.counts['removed']} nodes" if self.counts.get("removed") else "",
                  f"{self.counts['rewired']} rewired" if self.counts.get("rewired") else ""]
-        return ", ".join(p for p in parts if p) or "no node changed (weights only)"
+        return ", ".join(p for p in parts if p) or "no node changed"
 
 
 def block_path(path: str) -> str:
@@ -90,14 +91,35 @@ def macs_by_block(graph: Graph) -> dict[str, int]:
     return totals
 
 
-def params_by_block(graph: Graph) -> dict[str, int]:
-    """Parameters per block path (a tensor read by several blocks counts in the first)."""
-    totals: dict[str, int] = {}
-    seen: set[int] = set()
+def _parameters(graph: Graph) -> dict[str, torch.Tensor]:
+    """Each parameter the graph reads once, under the smallest of its names (tied weights, such as an
+    embedding and an LM head, land in the same block whichever reader comes first)."""
+    names: dict[int, str] = {}
+    tensors: dict[int, torch.Tensor] = {}
     for name, tensor in graph.referenced_tensors().items():
-        if not isinstance(tensor, torch.nn.Parameter) or id(tensor) in seen:
+        if isinstance(tensor, torch.nn.Parameter):
+            names[id(tensor)] = min(name, names.get(id(tensor), name))
+            tensors[id(tensor)] = tensor
+    return {names[key]: tensors[key] for key in names}
+
+
+def params_by_block(graph: Graph) -> dict[str, int]:
+    """Parameters per block path (a tensor read by several blocks counts once, see `_parameters`)."""
+    totals: dict[str, int] = {}
+    for name, tensor in _parameters(graph).items():
+        key = block_path(name.rpartition(".")[0]) or TOP
+        totals[key] = totals.get(key, 0) + tensor.numel()
+    return totals
+
+
+def changed_weights_by_block(before: Graph, after: Graph) -> dict[str, int]:
+    """Parameters present under one name in both graphs, same shape, other values: counted per block."""
+    old = _parameters(before)
+    totals: dict[str, int] = {}
+    for name, tensor in _parameters(after).items():
+        previous = old.get(name)
+        if previous is None or previous is tensor or previous.shape != tensor.shape or torch.equal(previous, tensor):
             continue
-        seen.add(id(tensor))
         key = block_path(name.rpartition(".")[0]) or TOP
         totals[key] = totals.get(key, 0) + tensor.numel()
     return totals
@@ -136,6 +158,8 @@ def graph_diff(before: Graph, after: Graph) -> GraphDiff:
         row(module).params_before = params
     for module, params in params_by_block(after).items():
         row(module).params_after = params
+    for module, count in changed_weights_by_block(before, after).items():
+        row(module).weights_changed = count
     diff.modules = [rows[m] for m in _module_order(before, after, rows) if rows[m].changed]
     return diff
 

@@ -86,10 +86,10 @@ def diff_panel(index: int, report: Any, diff: GraphDiff) -> str:
     macs = f"MACs {_delta(b['macs'], a['macs'])}" if b["macs"] != a["macs"] else "MACs unchanged"
     summary = f"{index + 1}. {report.pass_text}: {diff.summary()}; {macs}"
     rows = [[m.module, m.added, m.removed, m.rewired, _delta(m.macs_before, m.macs_after),
-             _delta(m.params_before, m.params_after)] for m in diff.modules]
+             _delta(m.params_before, m.params_after), m.weights_changed] for m in diff.modules]
     body = f'<p class="note">{html.escape(_rewrite_line(report.pass_text))}</p>'
-    body += table_html(["module", "added", "removed", "rewired", "MACs", "params"], rows) if rows else \
-        '<p class="note">no module changed its nodes, MACs or params</p>'
+    body += table_html(["module", "added", "removed", "rewired", "MACs", "params", "weights changed"], rows) \
+        if rows else '<p class="note">no module changed its nodes, MACs, params or weights</p>'
     chart = pass_chart(pass_name(report.pass_text), report.stats or {})
     if chart is not None:
         body += figure_html(chart, "", f"p{index}")

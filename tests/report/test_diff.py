@@ -72,3 +72,32 @@ def test_rewired_is_a_node_reading_other_inputs():
     diff = graph_diff(graph, edited)
     assert diff.counts == {"added": 0, "removed": 0, "rewired": 1}
     assert diff.rewired[0].startswith(f"%{add.name}")
+
+
+def test_trained_weights_are_counted_per_block_and_nothing_else_changes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    graph = fxpress.capture(model, (torch.randn(3, 4),))
+    edited = graph.copy()
+    name, tensor = next((n, t) for n, t in edited.referenced_tensors().items() if n.endswith("weight"))
+    path, _, attr = name.rpartition(".")
+    owner = edited.module.get_submodule(path) if path else edited.module
+    setattr(owner, attr, torch.nn.Parameter(tensor.detach() + 1))
+    diff = graph_diff(graph, edited)
+    assert [(m.module, m.weights_changed, m.added, m.removed, m.rewired) for m in diff.modules] == \
+        [(path.split(".")[0] if path else "<top>", tensor.numel(), 0, 0, 0)]
+    assert diff.summary() == "no node changed"
+
+
+def test_a_tied_weight_counts_once_under_its_smallest_name():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    graph = fxpress.capture(Tied(), (torch.tensor([[1, 2, 3]]),))
+    assert params_by_block(graph) == {"embed": 40}
