@@ -37,6 +37,15 @@ DID_WORK = {
     "quantize{bits=4}": lambda s: s["quantized"] > 0 and s["bits_per_weight"] == 4 + 64 / 32,  # + scale, offset
     # group=16: after prune-width{heads=2} an o_proj has K = 2 heads x 8 = 16 input features
     "quantize{bits=4,group=16}": lambda s: s["quantized"] > 0 and s["bits_per_weight"] == 4 + 64 / 16,
+    # one training step each: the same packed form as quantize (diff-quant adds a 4-level codebook per layer)
+    "quantized-distill{bits=4,steps=1}": lambda s: s["quantized"] > 0 and s["steps"] == 1 and
+    s["bits_per_weight"] == 4 + 64 / 32,
+    "quantized-distill{bits=4,group=16,steps=1}": lambda s: s["quantized"] > 0 and s["steps"] == 1 and
+    s["bits_per_weight"] == 4 + 64 / 16,
+    "diff-quant{bits=2,steps=1}": lambda s: s["quantized"] > 0 and s["method"] == "diff-quant" and
+    all(len(e["codebook"]) == 4 for e in s["per_layer"].values()),
+    "diff-quant{bits=2,group=16,steps=1}": lambda s: s["quantized"] > 0 and s["method"] == "diff-quant" and
+    all(len(e["codebook"]) == 4 for e in s["per_layer"].values()),
 }
 VIT_PASSES = ["merge-tokens{r=4}", "remove-layers{count=1}", "share-weights{group=2}", "binarize",
               "binarize,xnor-mst", "prune-width{heads=2,mlp=64}", "quantize{bits=4}"]
@@ -85,6 +94,22 @@ LLAMA_REFUSED = {
     ("quantize{bits=4,group=16}", "prune-obs{sparsity=0.5,score=magnitude}"): "layers are quantized .*prune before"}
 
 
+# The trained quantizers (one step each; a full permutation of them would cost minutes): after each
+# structural pass, before a few, and the orders they refuse.  They need and leave what quantize does.
+QD, DQ = "quantized-distill{bits=4,steps=1}", "diff-quant{bits=2,steps=1}"
+QD16, DQ16 = "quantized-distill{bits=4,group=16,steps=1}", "diff-quant{bits=2,group=16,steps=1}"
+TRAINED_VIT_PAIRS = [(first, second) for first in ("merge-tokens{r=4}", "remove-layers{count=1}",
+                                                   "share-weights{group=2}", "prune-width{heads=2,mlp=64}")
+                     for second in (QD, DQ)] + [(QD, "remove-layers{count=1}"), (DQ, "share-weights{group=2}")]
+TRAINED_LLAMA_PAIRS = [(first, QD16) for first in LLAMA_PASSES[:5]] + \
+    [("remove-layers{count=1}", DQ16), ("prune-width{heads=2,mlp=32}", DQ16), (QD16, "distill{steps=2,lr=1e-3}")]
+ALREADY = r"the graph already has \d+ quantized linears .*run it instead of quantize"
+TRAINED_REFUSED = {("quantize{bits=4}", QD): ALREADY, ("quantize{bits=4}", DQ): ALREADY, (QD, DQ): ALREADY,
+                   ("binarize", QD): "no float linear left to quantize: .* fxpress.binary_linear",
+                   (QD, "prune-width{heads=2,mlp=64}"): "op fxpress.quantized_linear.default has no coupling",
+                   (DQ, "binarize"): "layers are quantized .*run it before quantize"}
+
+
 @pytest.mark.parametrize("first,second", [p for p in itertools.permutations(VIT_PASSES, 2)
                                           if not (p[0].startswith("binarize") and p[1].startswith("binarize"))
                                           and p not in REFUSED])
@@ -100,6 +125,25 @@ def test_every_ordered_pair_of_depth_passes_on_tiny_llama(llama, first, second):
     model, graph, batches = llama
     result = run_pair(first, second, model, graph, batches)
     check_second_did_work(result, second)
+
+
+@pytest.mark.parametrize("first,second", TRAINED_VIT_PAIRS)
+def test_trained_quantizers_compose_on_vit_mnist(vit, first, second):
+    module, graph, inputs = vit
+    check_second_did_work(run_pair(first, second, module, graph, [inputs]), second)
+
+
+@pytest.mark.parametrize("first,second", TRAINED_LLAMA_PAIRS)
+def test_trained_quantizers_compose_on_tiny_llama(llama, first, second):
+    model, graph, batches = llama
+    check_second_did_work(run_pair(first, second, model, graph, batches), second)
+
+
+@pytest.mark.parametrize("first,second", list(TRAINED_REFUSED))
+def test_orders_the_trained_quantizers_cannot_do_say_why(vit, first, second):
+    module, graph, inputs = vit
+    with pytest.raises(PreconditionError, match=TRAINED_REFUSED[first, second]):
+        run_pair(first, second, module, graph, [inputs])
 
 
 @pytest.mark.parametrize("first,second", list(REFUSED))
@@ -127,6 +171,13 @@ def test_a_pass_with_nothing_left_to_do_says_why(vit):
     module, graph, inputs = vit
     result = PassManager("binarize,binarize").run(graph, PassContext())
     assert not result.reports[1].modified and "no float linear/conv2d layer left" in result.reports[1].stats["reason"]
+
+
+@pytest.mark.parametrize("first", [QD, DQ])
+def test_quantize_after_a_trained_quantizer_has_nothing_left(vit, first):
+    module, graph, inputs = vit
+    result = run_pair(first, "quantize{bits=4}", module, graph, [inputs])
+    assert not result.reports[1].modified and "already quantized" in result.reports[1].stats["reason"]
 
 
 def test_a_precondition_failure_names_the_passes_before_it(vit):

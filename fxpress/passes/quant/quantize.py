@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch.fx import Node
@@ -60,6 +60,15 @@ class Layer:
     @property
     def linear_inputs(self) -> list[str]:
         return [use.x for use in self.uses if use.kind == "linear"]
+
+
+def layer_weight(graph: Graph, layer: Layer) -> torch.Tensor:
+    """The layer's float32 (N, K) weight (the transpose of an attribute stored (K, N))."""
+    weight = graph.attribute(layer.path).detach().float()
+    return weight.t() if layer.transposed else weight
+
+
+PackLayer = Callable[[Layer, torch.Tensor, "HessianSums | None"], tuple[QuantizedWeight, str]]
 
 
 @register_pass
@@ -160,7 +169,13 @@ class Quantize(Pass):
 
     # -- the pass -----------------------------------------------------------------------
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
+        return self.rewrite(graph, ctx)
+
+    def rewrite(self, graph: Graph, ctx: PassContext, pack: PackLayer | None = None) -> PassResult:
+        """The pass, with `pack(layer, weight, hessian) -> (QuantizedWeight, method)` choosing each layer's
+        packed weight instead of RTN / GPTQ (quantized-distill and diff-quant hand theirs in here)."""
         self.requires(graph, ctx)  # also when called outside a PassManager
+        pack = pack or (lambda layer, weight, hessian: self.quantize_layer(weight, hessian))
         layers, left = self.plan(graph)
         if not layers:
             done = sum(1 for n in graph.fx.nodes if n.target in QUANTIZED_OPS)
@@ -169,14 +184,13 @@ class Quantize(Pass):
             kept = [use.module for use in left]
             return PassResult(graph, modified=False, stats={"quantized": 0, "kept_float": kept, "reason": reason})
         started = time.perf_counter()
-        xtx = self._input_statistics(graph, layers, ctx) if ctx.calibration else {}
+        xtx = self.input_statistics(graph, layers, ctx) if ctx.calibration else {}
         new = graph.copy()
         build, per_layer = Builder(new, self.name), {}
         for layer in ctx.progress.track(layers, "quantize: layers", total=len(layers)):
-            weight = graph.attribute(layer.path).detach().float()
-            weight = weight.t() if layer.transposed else weight
-            hessian = self._layer_xtx(layer, xtx)
-            packed, method = self._quantize(weight, hessian)
+            weight = layer_weight(graph, layer)
+            hessian = self.layer_xtx(layer, xtx)
+            packed, method = pack(layer, weight, hessian)
             self._rewrite(new, build, layer, packed)
             per_layer[layer.name] = self._layer_stats(weight, packed, hessian, method)
         erase_unused_get_attrs(new)
@@ -188,13 +202,14 @@ class Quantize(Pass):
                      seconds=round(time.perf_counter() - started, 2))
         return PassResult(new, modified=True, stats=stats)
 
-    def _quantize(self, weight: torch.Tensor, hessian: HessianSums | None) -> tuple[QuantizedWeight, str]:
+    def quantize_layer(self, weight: torch.Tensor, hessian: HessianSums | None) -> tuple[QuantizedWeight, str]:
+        """RTN, or GPTQ with `method=gptq` where the layer has input statistics."""
         if self.method == "gptq" and hessian is not None:
             h = layer_hessian(hessian.xtx, hessian.rows, self.damp)
             return gptq_quantize(weight, h, self.bits, self.group, self.form, self.pad), "gptq"
         return quantize_weight(weight, self.bits, self.group, self.scheme, self.zero, self.pad), "rtn"
 
-    def _input_statistics(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict[str, HessianSums]:
+    def input_statistics(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict[str, HessianSums]:
         """X^T X of every chosen linear's input, on the calibration batches."""
         sums: dict[str, HessianSums] = {}
 
@@ -208,7 +223,7 @@ class Quantize(Pass):
         return sums
 
     @staticmethod
-    def _layer_xtx(layer: Layer, xtx: dict[str, HessianSums]) -> HessianSums | None:
+    def layer_xtx(layer: Layer, xtx: dict[str, HessianSums]) -> HessianSums | None:
         """The summed input statistics of a layer's linears (None: an embedding, or no calibration)."""
         if not xtx or not layer.linear_inputs or any(use.kind == "embedding" for use in layer.uses):
             return None
