@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fxpress-installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist); each test runs at one torch thread. Files stay whole on one worker.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: venv demo test test-fast fixtures clean
 
@@ -22,11 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/fxpress demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests
 
 # Skips the tests marked slow (real LLM loading and capture); CI runs everything.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS) tests
 
 # Retrain the shipped fixtures (about a minute each on one core).
 fixtures: $(STAMP)

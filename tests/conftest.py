@@ -2,10 +2,15 @@
 loaded once per session."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 torch.set_num_threads(1)
+# pytest-xdist workers set COLUMNS=80; the CLI's tables (run in-process by tests) would be cut at 80
+# columns. Without it the CLI prints 160-column tables to a pipe, as it does in CI logs.
+os.environ.pop("COLUMNS", None)
 
 
 @pytest.fixture(scope="session")
