@@ -98,19 +98,26 @@ def weight_uses(graph: Graph) -> list[WeightUse]:
 
 def head_nodes(graph: Graph, uses: list[WeightUse]) -> set[str]:
     """Linears the output reaches without passing another matmul, conv or attention: the model's head."""
+    return nearest_linears(graph, uses, from_outputs=True, stops=_STOPS)
+
+
+def nearest_linears(graph: Graph, uses: list[WeightUse], *, from_outputs: bool,
+                    stops: tuple[str, ...]) -> set[str]:
+    """Names of the linear nodes reached from the graph's outputs (walking back) or from its inputs
+    (walking forward) without passing an op of a `stops` category."""
     linears = {use.node for use in uses if use.kind == "linear"}
-    heads, seen = set(), set()
-    stack = [node for node in graph.fx.nodes if node.op == "output"]
+    found, seen = set(), set()
+    stack = [node for node in graph.fx.nodes if node.op == ("output" if from_outputs else "placeholder")]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         if node.name in linears:
-            heads.add(node.name)
+            found.add(node.name)
             continue
         info = op_info(node.target) if node.op == "call_function" else None
-        if info is not None and info.category in _STOPS:
+        if info is not None and info.category in stops:
             continue
-        stack.extend(node.all_input_nodes)
-    return heads
+        stack.extend(node.all_input_nodes if from_outputs else node.users)
+    return found

@@ -41,12 +41,11 @@ from torch.func import functional_call
 
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
-from fxpress.ir.opinfo import op_info
 from fxpress.ops.quant import BITS, QUANTIZED_LINEAR, QUANTIZED_OPS, decode, encode, group_params, quant_form
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.losses import default_task_loss, looks_like_lm
 from fxpress.passes.infra.registry import register_pass
-from fxpress.passes.quant.layers import WeightUse, weight_uses
+from fxpress.passes.quant.layers import WeightUse, nearest_linears, weight_uses
 from fxpress.passes.quant.quantize import Layer, Quantize, layer_weight
 
 _STOPS = ("matmul", "conv", "binary", "attention", "embedding")  # a path from an input through these is not "first"
@@ -105,22 +104,8 @@ def ste(weight: Tensor, quantized: Tensor) -> Tensor:
 # -- layers and losses -----------------------------------------------------------------------------
 def first_modules(graph: Graph, uses: list[WeightUse]) -> set[str]:
     """Module paths of the linears an input reaches without passing another matmul, conv or embedding."""
-    linears = {use.node: use.module for use in uses if use.kind == "linear"}
-    found, seen = set(), set()
-    stack = [node for node in graph.fx.nodes if node.op == "placeholder"]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.name in linears:
-            found.add(linears[node.name])
-            continue
-        info = op_info(node.target) if node.op == "call_function" else None
-        if info is not None and info.category in _STOPS:
-            continue
-        stack.extend(node.users)
-    return found
+    modules = {use.node: use.module for use in uses if use.kind == "linear"}
+    return {modules[name] for name in nearest_linears(graph, uses, from_outputs=False, stops=_STOPS)}
 
 
 def output_tensor(output: Any) -> Tensor:
