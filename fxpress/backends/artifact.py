@@ -1,14 +1,16 @@
 """Compiled models and their saved form: a folder, never a pickle.
 
     model/
-      manifest.json       format, versions, target, input signature, sha256 of every file
-      params.safetensors  the parameters, by name
+      manifest.json       format, versions, target, input signature, sha256 and bytes of every file,
+                          and (native) each quantized layer: bits, group, zero kind, shapes, plane names
+      params.safetensors  the parameters, by name; a quantized weight as its planes in their own dtypes
       model.so            the compiled library (model.tar for cross targets, model.onnx for onnx,
                           model.json for native: torch.export's graph schema)
 
 ``CompiledModel.save(dir)`` writes it; ``CompiledModel.load(dir)`` checks
 the manifest, every file's hash and the versions before it loads anything,
-and raises ArtifactError naming what is wrong.  Calls are checked against
+and raises ArtifactError naming what is wrong (for a quantized plane: the layer and
+the plane).  Calls are checked against
 the input signature (expected vs got).
 """
 from __future__ import annotations
@@ -43,6 +45,11 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def saved_bytes(folder: str | Path) -> dict[str, int]:
+    """Bytes of each file of a saved model as it lies on disk (what `du -b` counts)."""
+    return {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir()) if p.is_file()}
 
 
 def versions(backend: str) -> dict[str, str]:
@@ -147,18 +154,21 @@ class CompiledModel:
                 "inputs": [spec.to_json() for spec in self.inputs], "library": library,
                 "param_names": list(getattr(self.executable, "param_names", self.executable.params)),
                 "files": {name: sha256(folder / name) for name in files}, "info": self.info,
+                "sizes": {name: (folder / name).stat().st_size for name in files},
+                **({"quantized": quantized} if (quantized := getattr(self.executable, "quantized", None)) else {}),
                 **({"structure": self.structure.to_json()} if self.structure is not None else {})}
 
     @classmethod
     def load(cls, folder: str | Path) -> CompiledModel:
         """Load a saved model; ArtifactError if anything is missing, tampered or mismatched."""
-        from fxpress.backends.artifact_check import read_manifest, read_params, verify_files
+        from fxpress.backends.artifact_check import check_quantized, read_manifest, read_params, verify_files
         from fxpress.backends.registry import get_backend
 
         folder = Path(folder)
         manifest = read_manifest(folder)
         verify_files(folder, manifest)
         params = read_params(folder / PARAMS, manifest["param_names"])
+        check_quantized(folder, manifest, params)
         executable = get_backend(manifest["backend"]).load(folder, manifest, params)
         inputs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
         structure = IOStructure.from_json(manifest["structure"]) if "structure" in manifest else None

@@ -1,4 +1,4 @@
-"""Checks a saved artifact before anything in it is loaded: manifest, hashes, versions, params."""
+"""Checks a saved artifact before anything in it is loaded: manifest, hashes, versions, params, quantized planes."""
 from __future__ import annotations
 
 import json
@@ -85,3 +85,70 @@ def read_params(path: Path, names: list[str]) -> dict[str, np.ndarray]:
     if missing:
         raise ArtifactError(f"{path} lacks parameters {', '.join(missing[:5])}")
     return params
+
+
+def _expected_planes(layer: str, record: dict) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each plane a quantized layer's record implies; ArtifactError if the record is bad."""
+    from fxpress.ops.quant import BITS, FORMS, packed_bytes
+
+    try:
+        bits, group, zero = record["bits"], record["group"], record["zero"]
+        rows, features = int(record["out_features"]), int(record["in_features"])
+        planes = record["planes"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"manifest: quantized layer {layer} has no valid {err}; the manifest is damaged: "
+                            f"save the model again") from err
+    if bits not in BITS or not isinstance(group, int) or group < 1 or zero not in FORMS or not isinstance(planes, dict):
+        raise ArtifactError(f"manifest: quantized layer {layer} has bits={bits!r}, group={group!r}, zero={zero!r}; "
+                            f"expected bits in {BITS}, a positive group, zero in {FORMS}")
+    groups = -(-features // group)
+    expected = {"codes": ("uint8", (rows, packed_bytes(groups * group, bits))), "scales": ("float32", (rows, groups))}
+    if zero != "sym":
+        expected["zeros"] = ("uint8" if zero == "int" else "float32", (rows, groups))
+    if "codebook" in planes:
+        expected["codebook"] = ("float32", (2 ** bits,))
+    return expected
+
+
+def check_quantized(folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> None:
+    """Each quantized layer's planes (manifest ``quantized``) are in the params with the dtype and shape its
+    bits, group, zero kind and sizes imply; ArtifactError naming the layer and the plane otherwise."""
+    from fxpress.backends.artifact import PARAMS
+
+    layers = manifest.get("quantized", {})
+    if not isinstance(layers, dict):
+        raise ArtifactError(f"manifest of {folder}: `quantized` must be an object of layers")
+    for layer, record in layers.items():
+        expected = _expected_planes(layer, record)
+        planes = record["planes"]
+        extra = sorted(set(planes) - set(expected))
+        if extra:
+            raise ArtifactError(f"manifest of {folder}: quantized layer {layer} lists plane {extra[0]}, which a "
+                                f"{record['zero']} {record['bits']}-bit layer does not have")
+        for plane, (dtype, shape) in expected.items():
+            entry = planes.get(plane)
+            if not isinstance(entry, dict) or "name" not in entry:
+                raise ArtifactError(f"manifest of {folder}: quantized layer {layer} lacks its {plane} plane")
+            if entry.get("dtype") != dtype or tuple(entry.get("shape", ())) != shape:
+                raise ArtifactError(f"manifest of {folder}: quantized layer {layer}, plane {plane} is recorded as "
+                                    f"{entry.get('dtype')}{entry.get('shape')}, but bits={record['bits']}, "
+                                    f"group={record['group']}, zero={record['zero']} need {dtype}{list(shape)}")
+            stored = params.get(entry["name"])
+            if stored is None:
+                raise ArtifactError(f"{folder / PARAMS}: quantized layer {layer} lacks plane {plane} "
+                                    f"({entry['name']})")
+            if str(stored.dtype) != dtype or tuple(stored.shape) != shape:
+                raise ArtifactError(f"{folder / PARAMS}: quantized layer {layer}, plane {plane} ({entry['name']}) "
+                                    f"is {stored.dtype}{list(stored.shape)}, expected {dtype}{list(shape)}")
+
+
+def stored_bytes(path: Path) -> dict[str, int]:
+    """Bytes each tensor occupies in a safetensors file, read from the file's header (its data offsets)."""
+    with open(path, "rb") as handle:
+        try:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ArtifactError(f"{path} has no readable safetensors header: {err}") from err
+    return {name: int(entry["data_offsets"][1]) - int(entry["data_offsets"][0])
+            for name, entry in header.items() if name != "__metadata__"}

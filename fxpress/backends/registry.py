@@ -2,7 +2,7 @@
 
     tvm     llvm, aarch64, c, cuda   Relax lowering + fxpress's rule table (fxpress/backends/tvm/)
     onnx    onnx                     torch.onnx export, run by onnxruntime (fxpress/backends/onnx.py)
-    native  native                   binary layers on the C kernels, the rest in PyTorch (backends/native/)
+    native  native                   binary and quantized layers on C kernels, the rest in PyTorch (backends/native/)
 
 A backend builds a graph for one of its targets (``build(graph, target,
 **options) -> Build``), loads a saved artifact (``load(folder, manifest,
@@ -160,8 +160,8 @@ class OnnxBackend(Backend):
 
 
 class NativeBackend(Backend):
-    """The native C kernels for the binary ops; sparse_linear runs eagerly on its own C kernel; every other
-    op runs in PyTorch."""
+    """The native C kernels for the binary ops and quantized linears; sparse_linear runs eagerly on its own C
+    kernel; every other op (quantized embeddings too) runs in PyTorch."""
 
     name = "native"
     targets = ("native",)
@@ -172,7 +172,10 @@ class NativeBackend(Backend):
 
         _no_options(self.name, options)
         executable, inputs, structure = build_native(graph, dynamic=dynamic)
-        return Build(executable, inputs, structure, {"native_layers": executable.lowered})
+        info: dict[str, Any] = {"native_layers": executable.lowered}
+        if executable.quantized_kernels:
+            info["quantized_kernels"] = executable.quantized_kernels
+        return Build(executable, inputs, structure, info)
 
     def load(self, folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> Any:
         from fxpress.backends.native.executable import load_from_manifest
@@ -181,9 +184,12 @@ class NativeBackend(Backend):
 
     def can_lower(self, op: Any, target: str | None = None) -> bool:
         from fxpress.ops.binary import BINARY_OPS
+        from fxpress.ops.quant import QUANTIZED_OPS
         from fxpress.ops.sparse import SPARSE_LINEAR
 
-        native = {op_qualname(kernel_op) for kernel_op in (*BINARY_OPS, SPARSE_LINEAR)}
+        # quantized_linear: the quantized kernels or its reference (native/quant_lowering.py);
+        # quantized_embedding: its reference in PyTorch
+        native = {op_qualname(kernel_op) for kernel_op in (*BINARY_OPS, SPARSE_LINEAR, *QUANTIZED_OPS)}
         return is_builtin(op) or op_qualname(op) in native
 
 
@@ -230,7 +236,7 @@ class TargetLowering:
 
 
 def _native_target() -> TargetSpec:
-    return TargetSpec("native", "native", "binary layers on fxpress's C kernels, the rest in PyTorch (host CPU)",
+    return TargetSpec("native", "native", "binary and quantized layers on C kernels, the rest in PyTorch (host CPU)",
                       library="json")
 
 

@@ -262,15 +262,23 @@ def run_on_native(model: ZooModel, graph: Graph, args) -> None:
     """Compile for the native bit kernels, check they agree with the graph bit for bit, save if asked."""
     from fxpress.cli.compile_cmds import compile_for, save_compiled
 
+    from fxpress.backends.native import OUTPUT_TOLERANCE, outputs_agree
+
     compiled = compile_for(graph, "native", console, dynamic=bool(graph.dynamic_shapes))
+    kernels = compiled.info.get("quantized_kernels", {})
     with console.status("running the native kernels..."):
         batches = calibration_batches(model, count=2) or [model.example_inputs]
-        equal = all(torch.equal(compiled(*batch), graph(*batch)) for batch in batches)
-    if not equal:
+        agree = all(outputs_agree(compiled(*batch), graph(*batch), kernels) for batch in batches)
+    if not agree:
         raise FxpressError("native kernels disagree with the graph on calibration inputs; please report this")
+    if kernels:
+        on_kernels = sum(1 for kernel in kernels.values() if not kernel.startswith("reference"))
+        console.print(f"native: {on_kernels} of {len(kernels)} quantized linears on the C kernels "
+                      f"(int8 activations: outputs within {OUTPUT_TOLERANCE:.0%} of the graph's largest)",
+                      markup=False)
     lowered = compiled.info.get("native_layers", [])
     sparse = sum(1 for node in graph.fx.nodes if op_qualname(node.target) == op_qualname(SPARSE_LINEAR))
-    if lowered or not sparse:
+    if lowered or not (sparse or kernels):
         names = ", ".join(lowered) or "none (no binary layers: run binarize first)"
         console.print(f"native: lowered {len(lowered)} binary layers ({names}); outputs identical", markup=False)
     if sparse:

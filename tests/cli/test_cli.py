@@ -129,6 +129,16 @@ def test_run_native_target_on_binary_network():
     assert "native: lowered 3 binary layers" in result.stdout and "outputs identical" in result.stdout
 
 
+def test_run_native_target_on_quantized_vit(tmp_path):
+    result = fxpress("run", "vit-mnist", "--pipeline", "quantize{bits=4}", "--target", "native",
+                     "--out", str(tmp_path / "q"))
+    assert result.returncode == 0, result.stderr
+    assert "native: 16 of 16 quantized linears on the C kernels" in result.stdout
+    assert "binary layers" not in result.stdout
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert "quantized" in manifest
+
+
 def test_run_native_target_on_block_sparse_vit():
     result = fxpress("run", "vit-mnist", "--pipeline",
                      "prune-obs{sparsity=0.9,block=4x1,score=magnitude},sparse-kernels", "--target", "native")

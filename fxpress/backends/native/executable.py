@@ -1,4 +1,4 @@
-"""The native target as a compiled model: binary layers on the C kernels, the rest in PyTorch.
+"""The native target as a compiled model: binary and quantized layers on the C kernels, the rest in PyTorch.
 
 ``build_native(graph)`` re-exports the graph with ``torch.export`` and keeps
 two things: the program's graph as torch.export's JSON schema (the saved
@@ -11,7 +11,9 @@ program's module, lower it.
 
 Tensor names in the params file carry their kind, ``parameter:conv.weight``,
 ``buffer:bn.running_mean``, ``constant:c_plan``, because torch.export puts
-them back in different places.
+them back in different places.  Quantized weights are saved as their planes (uint8 codes, float32
+scales, uint8 or float32 zeros, codebooks), each its own entry in its stored dtype, and
+``executable.quantized`` describes them for the manifest (``quant_planes.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from fxpress.backends.native.lowering import NativeProgram, lower_native
+from fxpress.backends.native.quant_lowering import KERNELS
+from fxpress.backends.native.quant_planes import describe_quantized
 from fxpress.backends.signature import TensorSpec
 from fxpress.backends.structure import IOStructure, example_tensor, export_flat
 from fxpress.errors import ArtifactError, LoweringError, first_line
@@ -72,16 +76,23 @@ class NativeExecutable:
 
     backend = "native"
 
-    def __init__(self, program: NativeProgram, schema_json: bytes, params: dict[str, np.ndarray]):
+    def __init__(self, program: NativeProgram, schema_json: bytes, params: dict[str, np.ndarray],
+                 quantized: dict[str, dict] | None = None):
         self.program = program
         self.schema_json = schema_json
         self.params = params
         self.param_names = list(params)
+        self.quantized = quantized or {}  # the manifest's "quantized" records (quant_planes.py)
 
     @property
     def lowered(self) -> list[str]:
         """Module paths of the layers that run on the native kernels."""
         return list(self.program.lowered)
+
+    @property
+    def quantized_kernels(self) -> dict[str, str]:
+        """Each quantized linear's module path -> the kernel it runs on ('reference (why)' for none)."""
+        return dict(self.program.quantized)
 
     def set_threads(self, threads: int) -> None:
         """The kernels are single-threaded; the PyTorch part follows torch's (process-wide) threads."""
@@ -116,8 +127,10 @@ def build_native(graph: Graph, *, dynamic: bool = False) -> tuple[NativeExecutab
                             f"{type(err).__name__}: {first_line(err)}") from err
     tensors = _program_tensors(flat.program)
     native = _lowered(flat.program, flat.example_inputs, _dynamic_dims(flat.inputs), graph.name)
-    log.info("native: %s with %d binary layers on the kernels", graph.name, len(native.lowered))
-    return NativeExecutable(native, schema, tensors), flat.inputs, flat.structure
+    log.info("native: %s with %d binary layers and %d quantized linears on the kernels", graph.name,
+             len(native.lowered), sum(kernel in KERNELS for kernel in native.quantized.values()))
+    executable = NativeExecutable(native, schema, tensors, describe_quantized(graph, tensors))
+    return executable, flat.inputs, flat.structure
 
 
 def _dynamic_dims(specs: list[TensorSpec]) -> dict | bool:
@@ -139,4 +152,4 @@ def load_from_manifest(folder: Path, manifest: dict, params: dict[str, np.ndarra
     specs = [TensorSpec.from_json(record) for record in manifest["inputs"]]
     inputs = tuple(example_tensor(spec) for spec in specs)
     native = _lowered(program, inputs, _dynamic_dims(specs), str(manifest.get("name", "model")))
-    return NativeExecutable(native, schema_json, tensors)
+    return NativeExecutable(native, schema_json, tensors, manifest.get("quantized"))

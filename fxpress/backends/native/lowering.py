@@ -9,6 +9,11 @@ before.  Results equal the graph's bit for bit: the kernels produce exact
 integers, and scale and bias are applied by the same float ops as the
 reference implementations.  Weights, scales and biases must be constants
 (attributes or ops on them); activations must be float32.
+
+Every `fxpress::quantized_linear` becomes a `NativeQuantLinear` on the
+quantized kernels, or on the op's reference where no kernel fits its
+layout (`quant_lowering.py` states the rules; these results are within the
+activation-quantization bound of the graph's, not equal).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from fxpress.backends.native import kernels
+from fxpress.backends.native.quant_lowering import QUANT_LINEAR_OPS, NativeQuantLinear, describe, quant_layer
 from fxpress.errors import LoweringError
 from fxpress.ir.graph import Graph
 from fxpress.ir.rewrite import constant_nodes, erase_dead, evaluate_constant
@@ -127,34 +133,52 @@ def native_layer(graph: Graph, node: torch.fx.Node, constant: set) -> NativeBina
 
 @dataclass
 class NativeProgram:
-    """A graph whose binary ops run on the native kernels; call it like the model."""
+    """A graph whose binary and quantized ops run on the native kernels; call it like the model."""
 
     graph: Graph
-    lowered: list[str] = field(default_factory=list)  # module paths of the lowered layers
+    lowered: list[str] = field(default_factory=list)  # module paths of the lowered binary layers
+    quantized: dict[str, str] = field(default_factory=dict)  # quantized linear's module path -> its kernel
 
     def __call__(self, *inputs: Any) -> Any:
         with torch.no_grad():
             return self.graph.module(*inputs)
 
 
+def _replace_with_module(graph: Graph, node: torch.fx.Node, name: str, module: nn.Module) -> None:
+    """Call `module` (added as `name`) on the node's first operand in place of the node."""
+    graph.module.add_module(name, module)
+    with graph.fx.inserting_before(node):
+        call = graph.fx.call_module(name, (node.args[0],))
+    call.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack") or {})
+    node.replace_all_uses_with(call)
+    erase_dead(graph, [node])
+
+
+def _quantized_layer(graph: Graph, node: torch.fx.Node, constant: set) -> NativeQuantLinear:
+    x = graph.info(node.args[0])
+    return quant_layer(node, lambda arg, what: _constant(graph, arg, constant, what, node), str(x.dtype),
+                       int(x.shape[-1]))
+
+
 def lower_native(graph: Graph) -> NativeProgram:
-    """A copy of `graph` with every binary op replaced by a call of a NativeBinaryLayer."""
+    """A copy of `graph` with every binary op replaced by a call of a NativeBinaryLayer and every
+    quantized_linear by a NativeQuantLinear (a kernel, or the reference where none fits)."""
     kernels.library()  # build (or load) the kernels now, so a missing compiler fails here
     new = graph.copy()
     constant = constant_nodes(new)
-    lowered = []
+    lowered, quantized = [], {}
     for node in [n for n in new.fx.nodes if n.op == "call_function" and n.target in BINARY_OPS]:
-        name = f"native_{len(lowered)}"
-        new.module.add_module(name, native_layer(new, node, constant))
-        with new.fx.inserting_before(node):
-            call = new.fx.call_module(name, (node.args[0],))
-        call.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack") or {})
-        lowered.append(new.info(node).module_path)
-        node.replace_all_uses_with(call)
-        erase_dead(new, [node])
+        path = new.info(node).module_path
+        _replace_with_module(new, node, f"native_{len(lowered)}", native_layer(new, node, constant))
+        lowered.append(path)
+    for node in [n for n in new.fx.nodes if n.op == "call_function" and n.target in QUANT_LINEAR_OPS]:
+        path = new.info(node).module_path or node.name
+        layer = _quantized_layer(new, node, constant)
+        _replace_with_module(new, node, f"native_quant_{len(quantized)}", layer)
+        quantized[path if path not in quantized else f"{path}#{node.name}"] = describe(layer)
     new.remove_unused_attributes()
     new.recompile()
-    return NativeProgram(new, lowered)
+    return NativeProgram(new, lowered, quantized)
 
 
 def run_native(graph: Graph) -> NativeProgram:
