@@ -19,12 +19,13 @@ from fxpress.ir.numerics import compare_outputs
 from fxpress.ir.opinfo import op_qualname
 from fxpress.ops.sparse import SPARSE_LINEAR
 from fxpress.ir.printer import format_graph
-from fxpress.passes import (NumericCheck, PassContext, PassManager, PrintAfterPass,
-                            VerifyAfterPass, registered_passes)
+from fxpress.passes import PassManager, PrintAfterPass, registered_passes
 from fxpress.passes.infra.instruments import Instrument
 from fxpress.passes.infra.registry import format_type, format_value, pass_options
-from fxpress.eval import Source, calibration_batches, evaluate, parse_source, task_loss_for
+from fxpress.eval import Source, calibration_batches, evaluate, parse_source
 from fxpress.eval.evaluate import check_evaluable, describe_data
+from fxpress.recipes.recipe import Calibration, Recipe
+from fxpress.recipes.run import run_passes
 from fxpress.report import RunRecorder, run_report
 from fxpress.zoo.specs import resolve_model
 from fxpress.utils.timing import interleaved_latency
@@ -110,24 +111,23 @@ def calibration_plan(args) -> tuple[Source, int]:
     return parse_source(text), args.calibration_batches
 
 
-def _pipeline_context(model: ZooModel, args, graph: Graph) -> PassContext:
+def recipe_of(args, pipeline: str) -> Recipe:
+    """The recipe a plain `fxpress run` / `demo` amounts to: its pipeline, calibration, target and seed."""
     source, count = calibration_plan(args)
-    batches = calibration_batches(model, count=count, source=source, like=graph) if count else []
-    return PassContext(calibration=batches, teacher=model.module, seed=args.seed, progress=RichProgress(),
-                       loss=task_loss_for(model))
+    return Recipe(pipeline=pipeline, calibration=Calibration(source=str(source), batches=count), target=args.target,
+                  seed=args.seed)
 
 
 def run_pipeline(model: ZooModel, pipeline: str, args, recorder: Instrument | None = None) -> tuple[Graph, Graph, list]:
-    """Capture, then run `pipeline` with verification and numeric checks; print the table.
-    `recorder` (a report's RunRecorder) sees every pass too."""
+    """Capture, then run `pipeline` as a recipe run does (verification and numeric checks after every pass;
+    `recorder`, a report's RunRecorder, sees every pass too); print the table."""
     if args.target not in TARGETS:
         raise FxpressError(f"unknown target '{args.target}'; available targets: {', '.join(TARGETS)}")
     # parse and check against the target before the slow work, so typos and impossible targets fail fast
-    manager = PassManager(pipeline, target=None if args.target == "eager" else args.target)
+    PassManager(pipeline, target=None if args.target == "eager" else args.target)
     graph = _capture(model)
-    manager.instruments = [VerifyAfterPass(), NumericCheck(), *([recorder] if recorder else []),
-                           *debug_instruments(args)]
-    result = manager.run(graph, _pipeline_context(model, args, graph))
+    result = run_passes(model, graph, recipe_of(args, pipeline), progress=RichProgress(),
+                        instruments=[*([recorder] if recorder else []), *debug_instruments(args)])
     console.print(pass_table(result.reports))
     return graph, result.graph, result.reports
 

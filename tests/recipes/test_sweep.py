@@ -159,7 +159,7 @@ def test_every_point_equals_a_single_fxpress_run_of_its_settings(swept):
     points go through run's own steps (its context, instruments and pass manager) on one shared capture."""
     from fxpress.cli import commands
     from fxpress.eval import evaluate
-    from fxpress.passes import NumericCheck, PassManager, VerifyAfterPass
+    from fxpress.recipes.run import run_passes
     from fxpress.zoo.specs import resolve_model
 
     numbers = json.loads((swept / "R.json").read_text())
@@ -173,8 +173,7 @@ def test_every_point_equals_a_single_fxpress_run_of_its_settings(swept):
     captured, compressed, _ = commands.run_pipeline(model, "merge-tokens{r=8}", run_args("merge-tokens{r=8}"))
     runs = {"merge-tokens{r=8}": compressed}
     for pipeline in points.keys() - runs.keys():
-        manager = PassManager(pipeline, instruments=[VerifyAfterPass(), NumericCheck()])
-        runs[pipeline] = manager.run(captured, commands._pipeline_context(model, run_args(pipeline), captured)).graph
+        runs[pipeline] = run_passes(model, captured, commands.recipe_of(run_args(pipeline), pipeline)).graph
     for pipeline, graph in runs.items():
         assert evaluate(model, graph, "default", max_items=ITEMS) == points[pipeline]["metrics"]
         assert (graph.macs, graph.num_params) == (points[pipeline]["macs"], points[pipeline]["params"])
