@@ -7,7 +7,9 @@ XNOR-popcount, weights packed beforehand) against fp32 `x @ W.T`, and the
 MST reuse kernel against the dense binary kernel, for K in {512, 1024, 4096}
 and N in {256, 1024} on random weights, then on the binary layers of
 bnn-digits (plain and MST-regularized; whole layers including im2col, fp32
-reference = float conv / linear on the signs).  Times are medians of
+reference = float conv / linear on the signs).  Each kernel row names the
+popcount path that ran (`simd`: avx512-vpopcntdq, avx2 or scalar; see
+`kernels.simd_level()`).  Times are medians of
 interleaved rounds; ratios > 1 mean the first-named kernel is slower.
 
 Network: bnn-digits accuracy on the held-out split and bit-ops per image
@@ -63,7 +65,8 @@ def gemm_row(k: int, n: int, quick: bool) -> dict:
     assert torch.equal(dense(x), binary_sign(x) @ binary_sign(w).T) and torch.equal(mst(x), dense(x))
     wt = w.T.contiguous()
     times = timed({"fp32": lambda a: a @ wt, "dense": dense, "mst": mst}, (x,), quick)
-    return {"layer": "random", "K": k, "N": n, "batch": BATCH, "fp32_ms": times["fp32"], "dense_ms": times["dense"],
+    return {"layer": "random", "simd": kernels.simd_level(), "K": k, "N": n, "batch": BATCH,
+            "fp32_ms": times["fp32"], "dense_ms": times["dense"],
             "mst_ms": times["mst"], "speedup_vs_fp32": times["fp32"] / times["dense"],
             "mst_vs_dense": times["dense"] / times["mst"], "bitops_ratio": n * k / (k + tree_weight),
             "depth": depth, "plan_s": plan_s}
@@ -96,7 +99,8 @@ def trained_layer_rows(variant: str, module: torch.nn.Module, images: torch.Tens
         x = inputs[name]
         assert torch.equal(dense(x), fp32(x)) and torch.equal(mst(x), fp32(x))
         times = timed({"fp32": fp32, "dense": dense, "mst": mst}, (x,), quick)
-        rows.append({"layer": f"bnn-digits.{name}", "variant": variant, "K": k, "N": weight.shape[0],
+        rows.append({"layer": f"bnn-digits.{name}", "variant": variant, "simd": kernels.simd_level(),
+                     "K": k, "N": weight.shape[0],
                      "batch": images.shape[0], "fp32_ms": times["fp32"], "dense_ms": times["dense"],
                      "mst_ms": times["mst"], "speedup_vs_fp32": times["fp32"] / times["dense"],
                      "mst_vs_dense": times["dense"] / times["mst"],
@@ -156,15 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         kernel_rows += trained_layer_rows(variant, module, images, args.quick)
     network = network_rows(base.module, tuned, base.example_inputs)
     print_table("kernels (ms are medians; speedup_vs_fp32 = fp32 / dense binary; mst_vs_dense = dense / mst)",
-                kernel_rows, ["layer", "variant", "K", "N", "batch", "fp32_ms", "dense_ms", "mst_ms",
+                kernel_rows, ["layer", "variant", "simd", "K", "N", "batch", "fp32_ms", "dense_ms", "mst_ms",
                               "speedup_vs_fp32", "mst_vs_dense", "bitops_ratio", "depth"])
     print_table("network: bnn-digits (held-out accuracy, bit-ops per image)", network,
                 ["variant", "accuracy", "bitops", "ratio_vs_dense"])
     at_4096 = [row["speedup_vs_fp32"] for row in kernel_rows if row["layer"] == "random" and row["K"] == 4096]
-    print(f"\ndense binary GEMM vs fp32 at K=4096: {min(at_4096):.1f}x .. {max(at_4096):.1f}x "
-          f"(acceptance: >= 4x); total {time.perf_counter() - start:.0f} s")
+    print(f"\ndense binary GEMM ({kernels.simd_level()}) vs fp32 at K=4096: "
+          f"{min(at_4096):.1f}x .. {max(at_4096):.1f}x (acceptance: >= 4x); total {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"kernels": kernel_rows, "network": network, "finetune": tuning}, indent=2))
+        args.json.write_text(json.dumps({"simd": kernels.simd_level(), "kernels": kernel_rows, "network": network,
+                                         "finetune": tuning}, indent=2))
         print(f"wrote {args.json}")
     return 0
 

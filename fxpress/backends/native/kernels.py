@@ -44,9 +44,14 @@ _SIGNATURES = {
     "fxp_im2col_words": [_P, ctypes.POINTER(ConvShape), _P],
     "fxp_im2col_transposed": [_P, ctypes.POINTER(ConvShape), _I, _P],
     "fxp_xnor_gemm": [_P, _P, _I, _I, _I, _I, _P],
+    "fxp_xnor_gemm_at": [_P, _P, _I, _I, _I, _I, _P, ctypes.c_int],
     "fxp_mst_reuse": [_P, _I, _P, _P, _P],
     "fxp_simd_level": [],
+    "fxp_has_simd_level": [ctypes.c_int],
 }
+_INT_RESULT = ("fxp_simd_level", "fxp_has_simd_level", "fxp_xnor_gemm_at", "fxp_im2col_transposed")
+# The XNOR GEMM's popcount paths, as `fxp_simd_level` numbers them.
+LEVELS = {"scalar": 0, "avx512-vpopcntdq": 1, "avx2": 2}
 ROWS = 64  # the MST kernel's row tile: activations are padded to a multiple of it
 
 
@@ -57,13 +62,19 @@ def library() -> ctypes.CDLL:
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
         function.argtypes = argtypes
-        function.restype = ctypes.c_int if name in ("fxp_simd_level", "fxp_im2col_transposed") else None
+        function.restype = ctypes.c_int if name in _INT_RESULT else None
     return lib
 
 
 def simd_level() -> str:
-    """Which popcount path the build uses: 'avx512-vpopcntdq' or 'scalar'."""
-    return "avx512-vpopcntdq" if library().fxp_simd_level() == 1 else "scalar"
+    """Which popcount path `xnor_gemm` takes by default: 'avx512-vpopcntdq', 'avx2' or 'scalar'."""
+    level = library().fxp_simd_level()
+    return next(name for name, value in LEVELS.items() if value == level)
+
+
+def simd_levels() -> list[str]:
+    """Every popcount path this build has (for `xnor_gemm(level=...)`); 'scalar' always."""
+    return [name for name, value in LEVELS.items() if library().fxp_has_simd_level(value)]
 
 
 def _float32(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -105,14 +116,23 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     return pack_weight(taps).reshape(c_out, -1)
 
 
-def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
-    """Packed (M, W) x packed (N, W) -> int32 (M, N) of K - 2 popcount(a_i ^ b_j)."""
+def xnor_gemm(a: torch.Tensor, b: torch.Tensor, k: int, level: str = "best") -> torch.Tensor:
+    """Packed (M, W) x packed (N, W) -> int32 (M, N) of K - 2 popcount(a_i ^ b_j).
+
+    `level` picks a popcount path of `simd_levels()` (for tests); "best" is `simd_level()`.
+    """
+    if level != "best" and level not in LEVELS:
+        raise ValueError(f"xnor_gemm: unknown level {level!r}; choose 'best' or one of {', '.join(LEVELS)}")
     if a.dtype != torch.int64 or b.dtype != torch.int64 or a.shape[1] != b.shape[1] or a.shape[1] * 64 < k:
         raise LoweringError(f"xnor_gemm wants int64 rows with the same number of words (at least "
                             f"{words(k)} for K={k}), got {a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}")
     a, b = a.contiguous(), b.contiguous()
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32)
-    library().fxp_xnor_gemm(a.data_ptr(), b.data_ptr(), a.shape[0], b.shape[0], k, a.shape[1], out.data_ptr())
+    if level == "best":
+        library().fxp_xnor_gemm(a.data_ptr(), b.data_ptr(), a.shape[0], b.shape[0], k, a.shape[1], out.data_ptr())
+    elif library().fxp_xnor_gemm_at(a.data_ptr(), b.data_ptr(), a.shape[0], b.shape[0], k, a.shape[1],
+                                    out.data_ptr(), LEVELS[level]) != 0:
+        raise LoweringError(f"xnor_gemm: this build has no {level} path (it has {', '.join(simd_levels())})")
     return out
 
 

@@ -52,6 +52,63 @@ def test_xnor_gemm_equals_float_reference(m, n, k, seed):
     assert torch.equal(got, dense_int(x, w))
 
 
+def popcount_reference(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """K - 2 popcount(a_i ^ b_j) in pure torch, bit by bit (int64 words, any bits set)."""
+    x = a[:, None, :] ^ b[None, :, :]
+    bits = sum((x >> s) & 1 for s in range(64))
+    return (k - 2 * bits.sum(-1)).to(torch.int32)
+
+
+def test_simd_levels_name_the_default_path_and_include_scalar():
+    levels = kernels.simd_levels()
+    assert "scalar" in levels and kernels.simd_level() in levels
+    assert set(levels) <= set(kernels.LEVELS)
+    cpuinfo = "/proc/cpuinfo"
+    flags = open(cpuinfo).read().split() if os.path.exists(cpuinfo) else []
+    if "avx2" in flags and os.environ.get("FXPRESS_NATIVE_PORTABLE") != "1":
+        assert "avx2" in levels  # -march=native on an AVX2 CPU builds the AVX2 path
+    with pytest.raises(ValueError, match="unknown level"):
+        kernels.xnor_gemm(torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, dtype=torch.int64), 64, level="sse9")
+
+
+@pytest.mark.parametrize("words", [1, 3, 4, 5, 7, 8, 9, 10, 11, 63, 64, 65, 124, 125, 126, 129])
+@pytest.mark.parametrize("m, n", [(1, 1), (3, 5), (2, 4), (7, 9), (5, 3)])
+def test_every_simd_path_is_bit_exact_on_odd_word_counts_and_tile_edges(words, m, n):
+    """Random words (all bits, not just packed signs) at word counts around the vector widths
+    (4 words AVX2, 8 AVX-512 and the AVX2 minimum, 124 = one AVX2 byte-count block; tails of 0-3
+    words) and rows / columns off the 2x4 tile."""
+    generator = torch.Generator().manual_seed(words * 1000 + m * 10 + n)
+    a = torch.randint(-2**63, 2**63 - 1, (m, words), dtype=torch.int64, generator=generator)
+    b = torch.randint(-2**63, 2**63 - 1, (n, words), dtype=torch.int64, generator=generator)
+    expected = popcount_reference(a, b, 64 * words)
+    for level in kernels.simd_levels():
+        assert torch.equal(kernels.xnor_gemm(a, b, 64 * words, level=level), expected), level
+    assert torch.equal(kernels.xnor_gemm(a, b, 64 * words), expected)
+
+
+@FAST
+@given(m=st.integers(1, 11), n=st.integers(1, 13), k=st.integers(1, 70 * 64), seed=st.integers(0, 2**31))
+def test_simd_paths_agree_with_scalar_on_packed_signs(m, n, k, seed):
+    x, w = values(seed, m, k), values(seed + 1, n, k)
+    a, b = kernels.pack_signs(x), pack_weight(w)
+    scalar = kernels.xnor_gemm(a, b, k, level="scalar")
+    assert torch.equal(scalar, dense_int(x, w))
+    for level in kernels.simd_levels():
+        assert torch.equal(kernels.xnor_gemm(a, b, k, level=level), scalar), level
+
+
+def test_all_ones_rows_count_every_bit_and_large_word_counts_do_not_overflow():
+    """All-different rows (popcount = K) over many AVX2 byte-count blocks: each byte sums 248 at most."""
+    words = 4 * 31 * 3 + 7
+    a = torch.full((3, words), -1, dtype=torch.int64)
+    b = torch.zeros(5, words, dtype=torch.int64)
+    for level in kernels.simd_levels():
+        assert torch.equal(kernels.xnor_gemm(a, b, 64 * words, level=level),
+                           torch.full((3, 5), -64 * words, dtype=torch.int32)), level
+        assert torch.equal(kernels.xnor_gemm(a, a, 64 * words, level=level),
+                           torch.full((3, 3), 64 * words, dtype=torch.int32)), level
+
+
 @FAST
 @given(rows=st.integers(1, 9), k=st.integers(1, 200), seed=st.integers(0, 2**31))
 def test_native_packing_matches_numpy_packing_and_unpacks(rows, k, seed):
@@ -142,6 +199,11 @@ def test_kernels_reject_mismatched_inputs():
         kernels.pack_signs(torch.zeros(2, 3, dtype=torch.float64))
     with pytest.raises(LoweringError, match="same number of words"):
         kernels.xnor_gemm(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.int64), 64)
+    missing = [level for level in kernels.LEVELS if level not in kernels.simd_levels()]
+    if missing:
+        with pytest.raises(LoweringError, match="no .* path"):
+            kernels.xnor_gemm(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64), 64,
+                              level=missing[0])
     with pytest.raises(LoweringError, match="padded to 64"):
         kernels.mst_reuse(torch.zeros(3, 10, dtype=torch.int8), torch.tensor([1, 3, 0, -1, 0, 3, 0, 1, 2]),
                           torch.ones(1, dtype=torch.int32))
@@ -175,7 +237,7 @@ import torch
 from fxpress.backends.native import kernels
 from fxpress.ops.binary import binary_sign, pack_weight
 from fxpress.passes.binary.xnor_mst import plan_layer
-assert kernels.simd_level() == "scalar"
+assert kernels.simd_level() == "scalar" and kernels.simd_levels() == ["scalar"]
 torch.manual_seed(0)
 for m, n, k in ((1, 1, 1), (5, 7, 130), (64, 9, 577)):
     x, w = torch.randn(m, k), torch.randn(n, k)
