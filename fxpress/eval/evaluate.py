@@ -4,7 +4,8 @@
 eager module, a captured or compressed Graph, a compiled model) on the
 model's held-out data: accuracy for classifiers, perplexity on pydoc
 topics for causal LMs, retrieval MRR on stdlib-docs for sentence encoders
-(``fxpress.eval.retrieval``); `data` picks another source instead
+(``fxpress.eval.retrieval``), RMSE in mm (lower is better) for depth
+super-resolution (``fxpress.eval.depth``); `data` picks another source instead
 (``text:FILE`` or a dataset name, see :mod:`fxpress.eval.sources`).
 `calibration_batches` draws inputs from the training side of the same
 data (or from a chosen source), never from the held-out split;
@@ -20,6 +21,7 @@ import torch
 
 from fxpress.errors import DataError
 from fxpress.eval.batching import batch_size_for, fit_rows, fixed_size, seq_len_for
+from fxpress.eval.depth import bicubic_baseline, depth_rmse
 from fxpress.eval.metrics import (EVAL_BATCH, LM_BLOCK_LEN, accuracy, check_image_shape,  # noqa: F401
                                   mrr, perplexity, token_blocks)
 from fxpress.eval.retrieval import DOCS, MAX_LEN, docs_mrr  # noqa: F401 - docs_mrr: kept importable here
@@ -33,17 +35,20 @@ LM_EVAL_BLOCKS = 8  # default held-out blocks for perplexity; 64 or more to comp
 LM_EVAL_TEXT = "pydoc-topics"  # a causal LM's default held-out text
 LM_CALIBRATION_TEXT = "shakespeare"  # ... and its default calibration text
 PAIRS_PER_BATCH = 8  # calibration batches of an encoder: 8 (query, document) pairs = 16 rows
+DEPTH_CALIBRATION_BATCH = 8  # calibration tiles per batch of a depth model
+DATASET_TASKS = ("classification", "depth-sr")  # tasks scored on the model's own dataset by default
 
 
 def evaluate(model: ZooModel, fn: Callable[..., Any], data: str | Source = "default", *,
              max_items: int | None = None, blocks: int | None = None,
              batch_size: int | None = None) -> dict[str, float]:
-    """Task metric of `fn` (called like model.module) on held-out data: {"accuracy" | "perplexity" | "mrr": value}.
+    """Task metric of `fn` (called like model.module) on held-out data: {"accuracy" | "perplexity" | "mrr": value},
+    or for depth super-resolution {"rmse_mm": value, "bicubic_rmse_mm": bicubic upsampling's, for reference}.
 
     `data`: "default" (the model's own held-out split; {} for a task without a metric), ``text:FILE``
     (causal LMs) or a dataset name fitting the task (DataError otherwise); datasets are scored on
     their "test" split, files whole.  `max_items` caps the images (classifiers), query/document pairs
-    (encoders: all ~1200 held-out stdlib-docs pairs by default) or token blocks (causal LMs); `blocks`
+    (encoders: all ~1200 held-out stdlib-docs pairs by default), tiles (depth) or token blocks (causal LMs); `blocks`
     sets the number of LM_BLOCK_LEN-token blocks for perplexity (default LM_EVAL_BLOCKS for a dataset,
     every block of a text file).  `batch_size` applies where `fn` allows it (see fxpress.eval.batching).
     """
@@ -54,6 +59,10 @@ def evaluate(model: ZooModel, fn: Callable[..., Any], data: str | Source = "defa
     if model.task == "classification":
         dataset = model.dataset if source.kind == "default" else source.value
         return {"accuracy": accuracy(fn, dataset, split="test", batch_size=batch_size, max_items=max_items)}
+    if model.task == "depth-sr":
+        dataset = model.dataset if source.kind == "default" else source.value
+        return {"rmse_mm": depth_rmse(fn, dataset, split="test", batch_size=batch_size, max_items=max_items),
+                "bicubic_rmse_mm": depth_rmse(bicubic_baseline, dataset, split="test", max_items=max_items)}
     tokenizer = _tokenizer(model)
     if model.task == "causal-lm":
         text = Source("dataset", LM_EVAL_TEXT) if source.kind == "default" else source
@@ -70,13 +79,15 @@ def describe_data(model: ZooModel, data: str | Source = "default") -> str:
         return str(source)
     if source.kind == "dataset":
         return f"{source.value} test"
-    default = {"classification": model.dataset, "causal-lm": LM_EVAL_TEXT, "embedding": DOCS}.get(model.task)
+    default = {"classification": model.dataset, "depth-sr": model.dataset, "causal-lm": LM_EVAL_TEXT,
+               "embedding": DOCS}.get(model.task)
     return f"{default} test" if default else "default"
 
 
 def has_default_metric(model: ZooModel) -> bool:
-    """Whether `evaluate(model, fn)` has data to score: a classifier's dataset, a language model's tokenizer."""
-    if model.task == "classification":
+    """Whether `evaluate(model, fn)` has data to score: a classifier's or depth model's dataset, a language
+    model's tokenizer."""
+    if model.task in DATASET_TASKS:
         return bool(model.dataset)
     return model.task in ("causal-lm", "embedding") and model.tokenizer is not None
 
@@ -86,10 +97,10 @@ def check_evaluable(model: ZooModel, data: str | Source = "default", purpose: st
     fits it, and the model has what it needs (a dataset for `default` classifiers, a tokenizer for text)."""
     source = parse_source(data)
     check_fits(source, model.task, model.name, purpose)
-    if source.kind == "default" and model.task == "classification" and not model.dataset:
-        raise DataError(f"{purpose} of {model.name}: the classifier names no dataset; use an image dataset "
-                        f"(digits, mnist-5k) or a ZooModel with dataset=...")
-    if model.task != "classification":
+    if source.kind == "default" and model.task in DATASET_TASKS and not model.dataset:
+        raise DataError(f"{purpose} of {model.name}: the {model.task} model names no dataset; use a dataset "
+                        f"that fits it or a ZooModel with dataset=...")
+    if model.task not in DATASET_TASKS:
         _tokenizer(model)
 
 
@@ -120,7 +131,8 @@ def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None 
                         source: str | Source = "default", like: Any = None, split: str = "train") -> list[tuple]:
     """`count` input batches like `model.example_inputs`, from training-side data.
 
-    Classifiers: images from the "train" split.  Causal LMs: Shakespeare
+    Classifiers: images from the "train" split.  Depth models: ``(rgb, lr)`` tiles
+    of the "train" split, `batch_size` (default 8) a batch.  Causal LMs: Shakespeare
     token blocks.  Encoders: paired batches (queries, then their documents;
     see `fxpress.training.losses`) of `batch_size` pairs (default 8) from the
     stdlib-docs "train" split, MAX_LEN tokens.  Other models: their example
@@ -147,9 +159,19 @@ def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None 
         size = batch_size_for(fit, batch_size, 32)
         return [(fit_rows(fit, images[start:start + size], size),)
                 for start in range(0, min(len(images), count * size), size)]
+    if model.task == "depth-sr":
+        return _depth_calibration(model, source, count, batch_size, fit, split)
     if model.task == "causal-lm":
         return _lm_calibration(model, source, count, batch_size, fit, split)
     return _encoder_calibration(model, source, count, batch_size, fit, split)
+
+
+def _depth_calibration(model: ZooModel, source: Source, count: int, batch_size: int | None,
+                       fit: Any, split: str = "train") -> list[tuple]:
+    tiles = load_dataset(model.dataset if source.kind == "default" else source.value, split)
+    size = batch_size_for(fit, batch_size, DEPTH_CALIBRATION_BATCH)
+    return [(fit_rows(fit, tiles.rgb[start:start + size], size), fit_rows(fit, tiles.lr[start:start + size], size))
+            for start in range(0, min(len(tiles), count * size), size)]
 
 
 def _lm_calibration(model: ZooModel, source: Source, count: int, batch_size: int | None,

@@ -10,12 +10,14 @@ A *source* is written as text, the same in Python and on the command line:
 dataset name         a zoo dataset (``fxpress.zoo.list_datasets()``):
                      ``digits``, ``mnist-5k`` (images: accuracy),
                      ``shakespeare``, ``pydoc-topics``, ``stdlib-docs``
-                     (text: perplexity; pairs: retrieval MRR)
+                     (text: perplexity; pairs: retrieval MRR),
+                     ``motorcycle-depth`` (depth tiles: RMSE in mm)
 ===================  ========================================================
 
 ``parse_source`` checks the text (the file exists and has text, the
 dataset exists) without loading a model; ``check_fits`` then says whether
-a source suits a model's task.
+a source suits a model's task.  ``METRIC_GOAL`` says which way each task
+metric improves: accuracy and MRR up, perplexity and depth RMSE down.
 """
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ from pathlib import Path
 
 from fxpress.errors import DataError
 from fxpress.zoo import TextDataset, list_datasets, load_dataset
+from fxpress.zoo.gdnet import DATASET as DEPTH_DATASET
 
 DEFAULT = "default"
 TEXT_PREFIX = "text:"
 IMAGE_DATASETS = ("digits", "mnist-5k")
 RETRIEVAL_DATASETS = ("stdlib-docs", "pydoc-topics")
-METRIC_OF_TASK = {"classification": "accuracy", "causal-lm": "perplexity", "embedding": "mrr"}
+DEPTH_DATASETS = (DEPTH_DATASET,)
+NOT_TEXT = IMAGE_DATASETS + DEPTH_DATASETS
+METRIC_OF_TASK = {"classification": "accuracy", "causal-lm": "perplexity", "embedding": "mrr",
+                  "depth-sr": "rmse_mm"}
+# "max" or "min": which way each metric `evaluate` returns improves (rmse_mm: depth error in mm).
+METRIC_GOAL = {"accuracy": "max", "mrr": "max", "perplexity": "min", "rmse_mm": "min", "bicubic_rmse_mm": "min"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,10 @@ class Source:
     @property
     def is_images(self) -> bool:
         return self.kind == "dataset" and self.value in IMAGE_DATASETS
+
+    @property
+    def is_depth(self) -> bool:
+        return self.kind == "dataset" and self.value in DEPTH_DATASETS
 
 
 def parse_source(spec: str | Source) -> Source:
@@ -90,7 +102,7 @@ def load_text(spec: str | Source, split: str = "test") -> str:
         if isinstance(dataset, TextDataset):
             return dataset.text
     raise DataError(f"{source} is not text: use {TEXT_PREFIX}FILE or a text dataset "
-                    f"({', '.join(d for d in list_datasets() if d not in IMAGE_DATASETS)})")
+                    f"({', '.join(d for d in list_datasets() if d not in NOT_TEXT)})")
 
 
 def check_fits(source: Source, task: str, model_name: str, purpose: str = "evaluation") -> None:
@@ -101,11 +113,21 @@ def check_fits(source: Source, task: str, model_name: str, purpose: str = "evalu
     if source.kind == "default":
         return
     fits = {"classification": source.is_images,
-            "causal-lm": source.kind == "text" or (source.kind == "dataset" and not source.is_images),
-            "embedding": source.kind == "dataset" and source.value in RETRIEVAL_DATASETS}[task]
+            "causal-lm": source.kind == "text" or (source.kind == "dataset" and source.value not in NOT_TEXT),
+            "embedding": source.kind == "dataset" and source.value in RETRIEVAL_DATASETS,
+            "depth-sr": source.is_depth}[task]
     if not fits:
         wanted = {"classification": f"an image dataset ({', '.join(IMAGE_DATASETS)})",
                   "causal-lm": f"{TEXT_PREFIX}FILE or a text dataset",
-                  "embedding": f"a retrieval dataset ({', '.join(RETRIEVAL_DATASETS)})"}[task]
+                  "embedding": f"a retrieval dataset ({', '.join(RETRIEVAL_DATASETS)})",
+                  "depth-sr": f"a depth dataset ({', '.join(DEPTH_DATASETS)})"}[task]
         raise DataError(f"{purpose} data {source} does not fit {model_name}, a {task} model "
                         f"({METRIC_OF_TASK[task]}): use {DEFAULT} or {wanted}")
+
+
+def metric_goal(metric: str) -> str:
+    """"max" or "min": which way `metric` (a key of `evaluate`'s result) improves; DataError if unknown."""
+    goal = METRIC_GOAL.get(metric)
+    if goal is None:
+        raise DataError(f"unknown metric {metric!r}; metrics: {', '.join(sorted(METRIC_GOAL))}")
+    return goal

@@ -7,7 +7,7 @@ from fxpress.passes.infra import (DumpToDir, Instrument, LogTiming, NullProgress
                                   PassContext, PassManager, PassReport, PassResult, PipelineResult,
                                   PrintAfterPass, Progress, VerifyAfterPass, check_inputs, format_pipeline,
                                   make_pass, parse_pipeline, register_pass, registered_passes)
-from fxpress.passes import binary, cleanup, depth, quant, sparsity, tokens, width  # noqa: E402,F401  (registers the built-in passes)
+from fxpress.passes import binary, cleanup, depth, lowrank, quant, sparsity, tokens, width  # noqa: E402,F401  (registers the built-in passes)
 
 __all__ = [
     "DumpToDir", "Instrument", "LogTiming", "NullProgress", "NumericCheck", "Pass", "PassContext",

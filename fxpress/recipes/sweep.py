@@ -37,6 +37,7 @@ from fxpress.ir import Graph
 from fxpress.passes import NullProgress, parse_pipeline
 from fxpress.passes.infra.base import Progress
 from fxpress.utils.timing import interleaved_latency
+from fxpress.eval import METRIC_GOAL
 from fxpress.zoo import ZooModel
 from fxpress.zoo.specs import resolve_model
 from fxpress.recipes.recipe import Calibration, Recipe
@@ -45,10 +46,9 @@ from fxpress.recipes.run import capture_model, run_passes
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 64  # a larger grid needs max_points=... (--max-points): each point is a full run
-METRIC_GOAL = {"accuracy": "max", "mrr": "max", "perplexity": "min"}
 # Default --tolerance: the metric loss a best recipe may have against the baseline; absolute for
-# accuracy and MRR (1 point), relative for perplexity (5 %).
-DEFAULT_TOLERANCE = {"accuracy": 0.01, "mrr": 0.01, "perplexity": 0.05}
+# accuracy and MRR (1 point), relative for the metrics where lower is better (perplexity, depth RMSE: 5 %).
+DEFAULT_TOLERANCE = {"accuracy": 0.01, "mrr": 0.01, "perplexity": 0.05, "rmse_mm": 0.05}
 LATENCY_ROUNDS, LATENCY_BUDGET_S = 3, 0.2  # per graph and round: 64 points take about 40 s to time
 
 
@@ -419,7 +419,7 @@ def pareto_front(points: Sequence[Any], objectives: Mapping[str, str]) -> list[A
 
 def within_tolerance(sweep: SweepResult, point: PointResult, tolerance: float | None = None) -> bool:
     """Whether `point` loses at most `tolerance` of the metric against the baseline (absolute for accuracy
-    and MRR, relative for perplexity; default DEFAULT_TOLERANCE)."""
+    and MRR, relative for perplexity and depth RMSE; default DEFAULT_TOLERANCE)."""
     tolerance = DEFAULT_TOLERANCE[sweep.metric] if tolerance is None else tolerance
     if sweep.goal == "min":
         return point.metric <= sweep.baseline.metric * (1 + tolerance)

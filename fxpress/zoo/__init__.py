@@ -3,8 +3,8 @@
 Models: ``list_models()``, ``load_model(name) -> ZooModel``; your own Hugging Face
 model folder or GGUF file: ``from_pretrained(path, task=...) -> ZooModel``.
 Datasets: ``list_datasets()``, ``load_dataset(name, split)`` returning an
-:class:`ImageDataset` or :class:`TextDataset`; ``text_blocks`` cuts text
-into token blocks for language models.
+:class:`ImageDataset`, :class:`TextDataset` or :class:`DepthDataset`;
+``text_blocks`` cuts text into token blocks for language models.
 
 Everything is offline and deterministic: weights and data come from the
 fixtures shipped in ``fxpress/zoo/fixtures`` or from installed packages.
@@ -22,6 +22,7 @@ from fxpress.zoo.datasets import (
     load_dataset,
     text_blocks,
 )
+from fxpress.zoo.gdnet import DepthDataset, GDNetLite
 from fxpress.zoo.hf import CausalLMLogits, EncoderHiddenStates, cache_root
 from fxpress.zoo.models import ZooModel, describe_models, list_models, load_model
 from fxpress.zoo.pretrained import from_pretrained
@@ -32,8 +33,10 @@ __all__ = [
     "BinaryDigitsNet",
     "BinaryLinear",
     "CausalLMLogits",
+    "DepthDataset",
     "DigitsCNN",
     "EncoderHiddenStates",
+    "GDNetLite",
     "ImageDataset",
     "TextDataset",
     "ViTConfig",

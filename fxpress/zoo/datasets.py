@@ -30,7 +30,15 @@ name             returns         contents
                                  (queries), texts the docstrings
                                  (documents); about 2450 train, 1220 test
                                  on Python 3.11
+``motorcycle-    DepthDataset    scikit-image's Middlebury 2014 Motorcycle:
+depth``                          64x64 RGB tiles, degraded 16x16 depth and
+                                 ground-truth depth in mm; 72 train tiles,
+                                 24 test tiles (a held-out vertical strip)
 ===============  ==============  ==========================================
+
+``motorcycle-depth`` is one scene, so it is split by place instead of rank:
+"test" is the strip of columns [448, 640), "train" keeps 16 columns away
+from it (see :mod:`fxpress.zoo.gdnet`).
 
 ``stdlib-docs`` is split by name instead of rank, since its contents change
 with the Python version and a rank split would move items when one is
@@ -58,6 +66,7 @@ import torch
 from fxpress.errors import ZooError
 from fxpress.zoo import packages
 from fxpress.zoo import stdlib_docs
+from fxpress.zoo.gdnet import DATASET as DEPTH_DATASET, DepthDataset, load_depth_dataset
 from fxpress.zoo.hf import cache_root
 
 log = logging.getLogger(__name__)
@@ -264,9 +273,10 @@ def load_stdlib_docs(split: str) -> TextDataset:
     return TextDataset("stdlib-docs", split, [n for n, _ in kept], [d for _, d in kept])
 
 
-_DATASETS: dict[str, Callable[[str], ImageDataset | TextDataset]] = {
+_DATASETS: dict[str, Callable[[str], ImageDataset | TextDataset | DepthDataset]] = {
     "digits": load_digits_dataset,
     "mnist-5k": load_mnist_5k,
+    DEPTH_DATASET: load_depth_dataset,
     "pydoc-topics": load_pydoc_topics,
     "shakespeare": load_shakespeare,
     "stdlib-docs": load_stdlib_docs,
@@ -278,15 +288,20 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def head(dataset: ImageDataset | TextDataset, count: int) -> ImageDataset | TextDataset:
+def head(dataset: ImageDataset | TextDataset | DepthDataset,
+         count: int) -> ImageDataset | TextDataset | DepthDataset:
     """The first `count` items of `dataset`, in its order."""
     if isinstance(dataset, TextDataset):
         return replace(dataset, titles=dataset.titles[:count], texts=dataset.texts[:count])
+    if isinstance(dataset, DepthDataset):
+        return replace(dataset, rgb=dataset.rgb[:count], lr=dataset.lr[:count], depth=dataset.depth[:count],
+                       valid=dataset.valid[:count], origins=dataset.origins[:count])
     return replace(dataset, images=dataset.images[:count], labels=dataset.labels[:count],
                    indices=dataset.indices[:count])
 
 
-def load_dataset(name: str, split: str = "train", max_items: int | None = None) -> ImageDataset | TextDataset:
+def load_dataset(name: str, split: str = "train",
+                 max_items: int | None = None) -> ImageDataset | TextDataset | DepthDataset:
     """Load a built-in dataset split ("train", "test" or "all"); with `max_items`, its first items only.
 
     Raises ZooError for an unknown name or split, or a missing package.

@@ -5,14 +5,17 @@ name              task             what
 ================  ===============  =========================================
 ``bnn-digits``    classification   XNOR-Net binary CNN, sklearn digits 8x8
 ``cnn-digits``    classification   float Conv+BN+ReLU CNN, sklearn digits
+``gdnet-lite``    depth-sr         RGB-guided x4 depth super-resolution,
+                                   Middlebury Motorcycle (scikit-image)
 ``minilm``        embedding        all-MiniLM-L6-v2 BERT encoder (22.7M)
 ``smollm2``       causal-lm        SmolLM2-135M-Instruct LLaMA decoder
 ``vit-mnist``     classification   4-block ViT, 49 patches + CLS, MNIST-5k
 ================  ===============  =========================================
 
-The three small classifiers are trained here and shipped as fixtures
-(``fxpress/zoo/fixtures``); their ``metrics`` are the accuracies recorded
-on the held-out "test" split of their dataset.  The two language models
+The three small classifiers and gdnet-lite are trained here and shipped
+as fixtures (``fxpress/zoo/fixtures``); their ``metrics`` are the
+accuracies (gdnet-lite: RMSE in mm, and bicubic's) recorded on the
+held-out "test" split of their dataset.  The two language models
 come from offline packages (see :mod:`fxpress.zoo.hf`).
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fxpress.zoo.bnn import BinaryDigitsNet
 from fxpress.zoo.cnn import DigitsCNN
 from fxpress.zoo.datasets import load_dataset
 from fxpress.zoo.fixture_io import load_fixture
+from fxpress.zoo.gdnet import DATASET as DEPTH_DATASET, GDNetLite
 from fxpress.zoo.vit import ViTConfig, VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -120,6 +124,19 @@ def _load_cnn_digits() -> ZooModel:
                           "scripts/train_cnn_digits.py", "digits", _ENTRIES["cnn-digits"].description)
 
 
+def _load_gdnet_lite() -> ZooModel:
+    state, meta = load_fixture("gdnet-lite", "scripts/train_gdnet_lite.py")
+    module = GDNetLite(**meta["config"])
+    module.load_state_dict(state)
+    module.float().eval()
+    tiles = load_dataset(DEPTH_DATASET, "test")
+    batch = {0: "batch"}
+    return ZooModel(name="gdnet-lite", module=module, example_inputs=(tiles.rgb[:2].clone(), tiles.lr[:2].clone()),
+                    description=_ENTRIES["gdnet-lite"].description, task="depth-sr",
+                    metrics=dict(meta.get("metrics", {})), dynamic_dims={0: dict(batch), 1: dict(batch)},
+                    dim_ranges={"batch": (1, MAX_BATCH)}, dataset=DEPTH_DATASET, meta=meta)
+
+
 def _max_positions(wrapper: nn.Module) -> int:
     """Longest sequence the wrapped HF model's position embeddings allow."""
     return int(wrapper.model.config.max_position_embeddings)
@@ -154,6 +171,9 @@ _ENTRIES: dict[str, _Entry] = {
                          _load_bnn_digits),
     "cnn-digits": _Entry("float CNN (Conv2d+BatchNorm+ReLU, Linear+BatchNorm1d head) on sklearn digits 8x8",
                          _load_cnn_digits),
+    "gdnet-lite": _Entry("GDNet reconstructed from its paper, CPU-sized (Conv+BatchNorm, low-rank global branch): "
+                         "RGB-guided x4 depth super-resolution, (rgb 64x64, depth 16x16 mm) -> depth 64x64 mm",
+                         _load_gdnet_lite),
     "minilm": _Entry("all-MiniLM-L6-v2 BERT sentence encoder (6 layers, 22.7M params); returns last_hidden_state",
                      _load_minilm),
     "smollm2": _Entry("SmolLM2-135M-Instruct LLaMA decoder (30 layers, GQA 9/3), from Q4_1 GGUF; returns logits",

@@ -25,7 +25,7 @@ def run_block(code: str, filename: str, module_name: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("page", ["write-a-pass.md", "binary.md", "byo-model.md", "export.md", "tokens.md",
-                                  "report.md", "recipes.md"])
+                                  "report.md", "recipes.md", "lowrank.md"])
 def test_doc_examples_run(page, monkeypatch):
     blocks = python_blocks(DOCS / page)
     assert blocks, f"{page} has no python example"

@@ -9,7 +9,7 @@ import fxpress
 from fxpress.errors import CaptureError
 from fxpress.ir.printer import format_graph
 
-SMALL = ["vit-mnist", "cnn-digits", "bnn-digits"]
+SMALL = ["vit-mnist", "cnn-digits", "bnn-digits", "gdnet-lite"]
 
 
 def _state(module: torch.nn.Module) -> dict:

@@ -46,11 +46,15 @@ DID_WORK = {
     all(len(e["codebook"]) == 4 for e in s["per_layer"].values()),
     "diff-quant{bits=2,group=16,steps=1}": lambda s: s["quantized"] > 0 and s["method"] == "diff-quant" and
     all(len(e["codebook"]) == 4 for e in s["per_layer"].values()),
+    # rank 32 (ViT, dim 64) and 16 (tiny LLaMA, dim 32): factors whose K a quantize group divides
+    "low-rank{rank=32}": lambda s: len(s["factorized"]) > 0 and s["params_after"] < s["params_before"],
+    "low-rank{rank=16,min_gain=0}": lambda s: len(s["factorized"]) > 0 and s["params_after"] <= s["params_before"],
 }
 VIT_PASSES = ["merge-tokens{r=4}", "remove-layers{count=1}", "share-weights{group=2}", "binarize",
-              "binarize,xnor-mst", "prune-width{heads=2,mlp=64}", "quantize{bits=4}"]
+              "binarize,xnor-mst", "prune-width{heads=2,mlp=64}", "quantize{bits=4}", "low-rank{rank=32}"]
 LLAMA_PASSES = ["remove-layers{count=1}", "share-weights{group=2}", "distill{steps=2,lr=1e-3}",
-                "prune-width{heads=2,mlp=32}", "prune-obs{sparsity=0.5,score=magnitude}", "quantize{bits=4,group=16}"]
+                "prune-width{heads=2,mlp=32}", "prune-obs{sparsity=0.5,score=magnitude}", "quantize{bits=4,group=16}",
+                "low-rank{rank=16,min_gain=0}"]
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +92,17 @@ REFUSED = {("binarize,xnor-mst", "share-weights{group=2}"): "run share-weights b
            ("quantize{bits=4}", "binarize"): "layers are quantized .*run it before quantize",
            ("quantize{bits=4}", "binarize,xnor-mst"): "layers are quantized .*run it before quantize",
            ("binarize", "quantize{bits=4}"): "no float linear left to quantize: .* fxpress.binary_linear",
-           ("binarize,xnor-mst", "quantize{bits=4}"): "no float linear left to quantize: .* fxpress.binary_linear_mst"}
+           ("binarize,xnor-mst", "quantize{bits=4}"): "no float linear left to quantize: .* fxpress.binary_linear_mst",
+           ("binarize", "low-rank{rank=32}"): "no float linear or conv2d left to factorize: .* fxpress.binary_linear",
+           ("binarize,xnor-mst", "low-rank{rank=32}"): "no float linear or conv2d left to factorize: .* fxpress.binary",
+           ("quantize{bits=4}", "low-rank{rank=32}"): "no float linear or conv2d left to factorize: .*quantized_linear",
+           # low-rank's bottleneck reads as the MLP width: prune width first, then factorize
+           ("low-rank{rank=32}", "prune-width{heads=2,mlp=64}"): "mlp keep count 64 exceeds the 32 units"}
 LLAMA_REFUSED = {
     ("quantize{bits=4,group=16}", "prune-width{heads=2,mlp=32}"): "op fxpress.quantized_linear.default has no coupling",
-    ("quantize{bits=4,group=16}", "prune-obs{sparsity=0.5,score=magnitude}"): "layers are quantized .*prune before"}
+    ("quantize{bits=4,group=16}", "prune-obs{sparsity=0.5,score=magnitude}"): "layers are quantized .*prune before",
+    ("quantize{bits=4,group=16}", "low-rank{rank=16,min_gain=0}"): "no float linear or conv2d left to factorize",
+    ("low-rank{rank=16,min_gain=0}", "prune-width{heads=2,mlp=32}"): "mlp keep count 32 exceeds the 16 units"}
 
 
 # The trained quantizers (one step each; a full permutation of them would cost minutes): after each

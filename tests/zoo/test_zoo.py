@@ -45,8 +45,8 @@ def smollm2():
 
 
 def test_lists_name_every_model_and_dataset():
-    assert list_models() == ["bnn-digits", "cnn-digits", "minilm", "smollm2", "vit-mnist"]
-    assert list_datasets() == ["digits", "mnist-5k", "pydoc-topics", "shakespeare", "stdlib-docs"]
+    assert list_models() == ["bnn-digits", "cnn-digits", "gdnet-lite", "minilm", "smollm2", "vit-mnist"]
+    assert list_datasets() == ["digits", "mnist-5k", "motorcycle-depth", "pydoc-topics", "shakespeare", "stdlib-docs"]
 
 
 @pytest.mark.parametrize("loader, name, kind", [(load_model, "resnet-9000", "models"),

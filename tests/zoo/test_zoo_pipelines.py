@@ -9,7 +9,7 @@ from fxpress.passes import NumericCheck, PassContext, PassManager, VerifyAfterPa
 from fxpress.eval import calibration_batches
 
 CLEANUP = "fold-constants,fuse-batchnorm,dce"
-MODELS = ["vit-mnist", "cnn-digits", "bnn-digits", "minilm",
+MODELS = ["vit-mnist", "cnn-digits", "bnn-digits", "gdnet-lite", "minilm",
           pytest.param("smollm2", marks=pytest.mark.slow)]
 
 

@@ -201,9 +201,13 @@ def _alpha(at: Inserter, weight: torch.fx.Node) -> torch.fx.Node:
     return at.call(aten.mean.dim, flat, [1])
 
 
-def rewrite_layer(graph: Graph, layer: BinaryLayer, scale: str) -> None:
-    """Replace one matched layer (in `graph`, found by node names) with its binary op."""
+def rewrite_layer(graph: Graph, layer: BinaryLayer, scale: str, renamed: dict[str, str] | None = None) -> str:
+    """Replace one matched layer (in `graph`, found by node names) with its binary op; returns the op's
+    name.  `renamed` maps the outputs of layers rewritten before to their ops, so a layer whose input
+    is another rewritten layer's output (a factorized linear's second half) still finds it."""
     nodes = {node.name: node for node in graph.fx.nodes}
+    for old, new in (renamed or {}).items():
+        nodes.setdefault(old, nodes.get(new))
     output, conv_node = nodes[layer.output], nodes[layer.layer]
     weight = nodes[layer.weight]
     channels = graph.attribute(str(weight.target)).shape[0]
@@ -222,6 +226,7 @@ def rewrite_layer(graph: Graph, layer: BinaryLayer, scale: str) -> None:
         op = at.call(target, *args, name=target.overloadpacket.__name__)
     output.replace_all_uses_with(op)
     erase_dead(graph, [output])
+    return op.name
 
 
 @register_pass
@@ -253,8 +258,9 @@ class Binarize(Pass):
             return PassResult(graph, modified=False, stats={"recognized": [], "binarized": [], "reason": reason})
         new = graph.copy()
         before = new.num_nodes
+        renamed: dict[str, str] = {}
         for layer in chosen:
-            rewrite_layer(new, layer, self.scale)
+            renamed[layer.output] = rewrite_layer(new, layer, self.scale, renamed)
         new.remove_unused_attributes()
         new.recompile()
         kept = [layer.path for layer in find_layers(new) if layer.state == "float"]
