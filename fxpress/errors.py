@@ -94,3 +94,7 @@ class LoweringError(FxpressError):
 
 class ArtifactError(FxpressError):
     """A compiled artifact is missing, tampered with or mismatched."""
+
+
+class GenerationError(FxpressError):
+    """Generation cannot run: the model is not a supported decoder, or the cache policy or input is bad."""

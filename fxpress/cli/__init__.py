@@ -1,4 +1,4 @@
-"""The `fxpress` command: passes, capture, dump, run, demo.
+"""The `fxpress` command: passes, capture, dump, run, sweep, generate, bench, demo.
 
 Arguments are parsed and the pipeline is checked against the target
 (:mod:`fxpress.cli.target_check`) before torch is imported, so a bad
@@ -16,7 +16,7 @@ DEMO_MODEL = "vit-mnist"
 DEMO_PIPELINE = "fold-constants,fuse-batchnorm,merge-tokens{r=10,schedule=decreasing},dce"
 
 
-MODEL_HELP = ("zoo name (vit-mnist, minilm, smollm2, cnn-digits, bnn-digits), a Hugging Face model folder, "
+MODEL_HELP = ("zoo name (vit-mnist, minilm, smollm2, cnn-digits, bnn-digits, gdnet-lite), a Hugging Face model folder, "
               "a .gguf file, or path/to/file.py:factory")
 
 
@@ -127,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-points", type=int, default=64, metavar="N", help="largest grid to run (default 64)")
     p.add_argument("--no-latency", action="store_true", help="skip timing the points")
     p.set_defaults(handler="cmd_sweep")
+
+    p = sub.add_parser("generate", help="generate text with a decoder through a compressed KV cache")
+    _add_model_argument(p)
+    p.add_argument("--prompt", required=True, help="the prompt text (or @FILE to read it from a file)")
+    p.add_argument("--cache", default="full", metavar="POLICY",
+                   help='KV cache policy, e.g. "quant{bits=4}", "snapkv{keep=0.5}+quant{bits=4}", "minicache" '
+                        "(docs/kv.md; default full)")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
+    p.add_argument("--target", default="eager", choices=("eager", "export", "llvm"),
+                   help="eager (PyTorch), export (the captured graphs) or llvm (compiled by TVM)")
+    p.add_argument("--json", metavar="FILE", help="also write the text, tokens and numbers as JSON")
+    p.set_defaults(handler="cmd_generate")
 
     p = sub.add_parser("bench", help="time a saved compiled model (see run --target T --out DIR)")
     p.add_argument("dir")

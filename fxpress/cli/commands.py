@@ -294,6 +294,13 @@ def cmd_bench(args) -> int:
     return bench(args, console)
 
 
+def cmd_generate(args) -> int:
+    """Generate text through a compressed KV cache; print it with tokens/s and the cache's bytes."""
+    from fxpress.cli.generate_cmd import cmd_generate as generate
+
+    return generate(args)
+
+
 def cmd_sweep(args) -> int:
     """Run a grid of pipelines on MODEL; print the table, write the Pareto plots, report and best recipe."""
     from fxpress.cli.sweep_cmd import cmd_sweep as sweep

@@ -7,8 +7,10 @@
     native_merge.py + token_merge.c   the fused C kernel of bipartite merging (eager CPU path)
     sparse.py      fxpress::sparse_linear (4x1-block / CSR compressed weights); its C kernel: native_sparse.py + sparse_linear.c
     quant.py       fxpress::quantized_linear / quantized_embedding (group-quantized packed weights)
+    kv.py          compressed KV-cache forms (quantized groups, merged layer pairs, SnapKV scores) and
+                   fxpress::kv_dequantize (a packed cache body restored inside a decode-step graph)
 
 Importing this package defines every op; the `fxpress` package does so once,
 when it is imported.  Backends depend on this package, never on passes.
 """
-from fxpress.ops import aten, binary, quant, sparse, tokens  # noqa: F401  (defines the ops and their facts)
+from fxpress.ops import aten, binary, kv, quant, sparse, tokens  # noqa: F401  (defines the ops and their facts)

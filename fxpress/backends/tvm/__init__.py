@@ -24,6 +24,7 @@ from fxpress.backends.tvm.rules import RuleContext, register_lowering, registere
 RULE_MODULES: dict[str, tuple[str, ...] | None] = {
     "fxpress.backends.tvm.aten_rules": None,
     "fxpress.backends.tvm.token_rules": None,
+    "fxpress.backends.tvm.kv_rules": None,
     "fxpress.backends.tvm.sparse_rules": ("llvm", "aarch64"),  # vectorized loops, no thread binding
     # CPU schedules (vector popcount tiles): `c` has no vector types, `cuda` no thread binding.
     "fxpress.backends.tvm.binary_rules": ("llvm", "aarch64"),
