@@ -116,7 +116,27 @@ def decode_rows(model, tokenizer, policies: list[str], prompt: torch.Tensor, tok
             result = tvm.generate(prompt, tokens, policy, stop_at_eos=False)
             out[policy]["compiled_tokens_per_s"] = result.tokens_per_s
             out[policy]["same_tokens"] = result.tokens == out[policy]["tokens"]
+            out[policy]["cache_in_graph"] = result.cache_in_graph
     return out
+
+
+def decode_table(args, zoo, policies: list[str], context: int, decode_tokens: int) -> None:
+    ids = token_ids(zoo.tokenizer, load_text(SOURCES["shakespeare"], "test"))
+    prompt = samples(ids, 1, context, args.continuation)[0][0]
+    target = None if args.target == "none" else args.target
+    decode = decode_rows(zoo.module, zoo.tokenizer, policies, prompt, decode_tokens,
+                         [p for p in COMPILED if p in policies] if target else [], target)
+    rows = [{"policy": p, "context": context, "tokens": decode_tokens, "tokens_per_s": round(d["tokens_per_s"], 2),
+             "compiled_tokens_per_s": round(d["compiled_tokens_per_s"], 2) if "compiled_tokens_per_s" in d else None,
+             "same_tokens": d.get("same_tokens"), "cache_in_graph": d.get("cache_in_graph"),
+             "greedy_agree": round(float(np.mean([a == b for a, b in zip(d["tokens"], decode["full"]["tokens"])])), 3)}
+            for p, d in decode.items()]
+    columns = list(rows[0])
+    print(" | ".join(columns))
+    for row in rows:
+        print(" | ".join(str(row[c]) for c in columns))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:
@@ -129,6 +149,8 @@ def main() -> None:
     parser.add_argument("--policies", help="';'-separated policies (default: the built-in list)")
     parser.add_argument("--target", default="llvm", help="compiled decode target; 'none' skips it")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only (b): decode through each policy, eager and compiled (rows: policy, tokens/s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -139,6 +161,8 @@ def main() -> None:
     if "full" not in policies:
         policies = ["full", *policies]
     zoo = load_model("smollm2")
+    if args.decode_only:
+        return decode_table(args, zoo, policies, context, decode_tokens)
     gen = Generator(zoo.module, zoo.tokenizer)
     observe = max(gen.policy(p).observe for p in policies)
     rows = []

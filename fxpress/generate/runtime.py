@@ -31,6 +31,7 @@ from fxpress.generate.policy import CachePolicy, parse_policy
 log = logging.getLogger(__name__)
 
 TARGETS = ("eager", "export", "llvm")
+OBSERVE = 32  # queries a captured or compiled prefill graph returns (SnapKV's default window)
 
 
 @dataclass
@@ -122,6 +123,8 @@ class Generator:
         larger = [size for size in self._prefill if size >= observe]
         if larger and self.target != "eager":
             return self._prefill[min(larger)]
+        if self.target != "eager":  # one graph for every policy: observe SnapKV's default window at least
+            observe = max(observe, OBSERVE)
         if observe not in self._prefill:
             module = DecoderStep(self.lm, prefill=True, observe=observe).eval()
             example = torch.zeros(1, max(observe, 2) + 2, dtype=torch.long)
@@ -186,7 +189,12 @@ class Generator:
         ids = self.encode(prompt)
         self._check_length(ids.shape[1])
         observe = min(observe, ids.shape[1])
-        out = self.prefill_fn(observe)(ids, torch.arange(ids.shape[1]).unsqueeze(0))
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        if self.target != "eager" and ids.shape[1] < max(observe, OBSERVE) + 2:
+            # shorter than the prefill graph was captured for (it returns OBSERVE queries): run it eagerly
+            out = DecoderStep(self.lm, prefill=True, observe=observe).eval()(ids, positions)
+        else:
+            out = self.prefill_fn(observe)(ids, positions)
         queries = out[3][:, 0, :, -observe:] if observe else None
         return Prefilled(ids, out[0][0, -1], out[1][:, 0], out[2][:, 0], queries)
 
