@@ -35,6 +35,7 @@ from fxpress.zoo import load_model
 
 SOURCES = {"shakespeare": "shakespeare", "pydoc": "pydoc-topics"}
 ROTATED_K4V2 = "quant{kbits=4,vbits=2,group=64,kgroup=64,window=0,rotate=true}"
+COMPOSED = "snapkv{keep=0.85,window=16,kernel=63}+" + ROTATED_K4V2
 POLICIES = [
     "full",
     "minicache",                                   # MiniCache to the letter: S = L/2, t = 0.6, gamma = 0.05
@@ -51,10 +52,11 @@ POLICIES = [
     "snapkv{keep=0.2}",
     "streaming{sinks=4,window=200}",
     "minicache+quant{bits=4}",
-    "snapkv{keep=0.9,window=16}+" + ROTATED_K4V2,
-    "snapkv{keep=0.85,window=16}+" + ROTATED_K4V2,
+    "snapkv{keep=0.85,window=16}+" + ROTATED_K4V2,            # SnapKV's pooling (7 tokens)
+    COMPOSED,                                                 # pooling over 63 tokens keeps spans whole
+    "snapkv{keep=0.8,window=16,kernel=63}+" + ROTATED_K4V2,
 ]
-COMPILED = ["full", "snapkv{keep=0.85,window=16}+" + ROTATED_K4V2]
+COMPILED = ["full", COMPOSED]
 COPY_PASSAGE, COPY_CUE = 64, 8
 
 
@@ -120,6 +122,35 @@ def decode_rows(model, tokenizer, policies: list[str], prompt: torch.Tensor, tok
     return out
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """KV bytes ratio against perplexity ratio, one panel per source; colour: copy accuracy vs full."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = sorted({row["source"] for row in rows})
+    fig, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4.5), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        mine = [row for row in rows if row["source"] == source]
+        points = ax.scatter([r["kv_bytes_ratio"] for r in mine], [r["ppl_ratio"] for r in mine],
+                            c=[r["copy_ratio"] for r in mine], cmap="viridis", vmin=0.3, vmax=1.0, s=40)
+        for row in mine:
+            label = row["policy"].replace("quant{kbits=4,vbits=2,group=64,kgroup=64,window=0,rotate=true}", "k4v2rot")
+            ax.annotate(label, (row["kv_bytes_ratio"], row["ppl_ratio"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axhline(1.05, color="grey", lw=0.8, ls="--")
+        ax.axvline(5.0, color="grey", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("KV bytes ratio (float16 full cache / stored)")
+        ax.set_ylabel("perplexity ratio to the full cache")
+        ax.set_title(f"SmolLM2, {source}")
+        fig.colorbar(points, ax=ax, label="copy accuracy / full cache's")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def decode_table(args, zoo, policies: list[str], context: int, decode_tokens: int) -> None:
     ids = token_ids(zoo.tokenizer, load_text(SOURCES["shakespeare"], "test"))
     prompt = samples(ids, 1, context, args.continuation)[0][0]
@@ -149,10 +180,15 @@ def main() -> None:
     parser.add_argument("--policies", help="';'-separated policies (default: the built-in list)")
     parser.add_argument("--target", default="llvm", help="compiled decode target; 'none' skips it")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--plot", type=Path, help="draw bytes ratio vs perplexity ratio (PNG) here")
+    parser.add_argument("--plot-from", type=Path, metavar="JSON", help="only draw --plot from a saved --json")
     parser.add_argument("--decode-only", action="store_true",
                         help="only (b): decode through each policy, eager and compiled (rows: policy, tokens/s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.plot_from:
+        plot(json.loads(args.plot_from.read_text()), args.plot or args.plot_from.with_suffix(".png"))
+        return
     torch.set_num_threads(1)
     count = args.samples or (4 if args.quick else 8)
     context = args.context or (512 if args.quick else 1024)
@@ -204,6 +240,8 @@ def main() -> None:
         print(" | ".join(str(row[c]) for c in columns))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

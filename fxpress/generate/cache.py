@@ -156,7 +156,7 @@ class CompressedCache:
         overflow = self.tail_keys.shape[2] - policy.recent
         if overflow < chunk:
             return
-        unit = self._key_unit()
+        unit = self.key_unit
         count = overflow // unit * unit
         if count:
             self.segments.append(self._compress(self.tail_keys[:, :, :count].float(),
@@ -164,7 +164,8 @@ class CompressedCache:
             self.tail_keys = self.tail_keys[:, :, count:].contiguous()
             self.tail_values = self.tail_values[:, :, count:].contiguous()
 
-    def _key_unit(self) -> int:
+    @property
+    def key_unit(self) -> int:
         """Tokens compressed at a time: a key group when keys are quantized per channel, else 1."""
         quant = self.policy.quant
         return quant.key_group if quant and quant.key_axis == "channel" else 1
@@ -176,7 +177,7 @@ class CompressedCache:
         window = min(evict.window, queries.shape[2])
         prefix = tokens - window
         keep = max(1, round(evict.keep * prefix)) if prefix > 0 else 0
-        unit = self._key_unit()
+        unit = self.key_unit
         if unit > 1 and keep > unit:  # whole key groups: no partial group left float16 in the tail
             keep = keep // unit * unit
         if keep >= prefix:
@@ -281,7 +282,7 @@ class CompressedCache:
 
             layers_k = [[inner(seg.keys[i][0]) for seg in self.segments] for i in range(self.layers)]
             layers_v = [[inner(seg.values[i][0]) for seg in self.segments] for i in range(self.layers)]
-            unit = self._key_unit()
+            unit = self.key_unit
             k_body = pack_body(layers_k, self.kv_heads, self.head_dim, unit)
             v_body = pack_body(layers_v, self.kv_heads, self.head_dim, unit)
         capacity = self.tail_capacity
@@ -299,13 +300,13 @@ class CompressedCache:
         """The most tokens the float16 tail holds between compressions (its padded size in a graph)."""
         if self._tail_capacity is not None:
             return self._tail_capacity
-        return self.policy.recent + max(APPEND_CHUNK, self._key_unit())
+        return self.policy.recent + max(APPEND_CHUNK, self.key_unit)
 
     def _empty_bodies(self):
         """Stand-in bodies of one group of zeros (their slots say they hold no token): a graph
         cannot take tensors of no elements everywhere."""
         quant = self.policy.quant
-        unit = self._key_unit()
+        unit = self.key_unit
         empty = torch.zeros(self.layers, self.kv_heads, unit, self.head_dim)
         k = pack_body([[self._quantize(e, "key")] for e in empty], self.kv_heads, self.head_dim, unit)
         v = pack_body([[self._quantize(e, "value")] for e in empty], self.kv_heads, self.head_dim, unit)

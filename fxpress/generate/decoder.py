@@ -171,12 +171,13 @@ class CompressedDecodeStep(nn.Module):
                                     v_low, slots, tail_keys, tail_values, tail_length)
 
     The body grows in whole groups; `slots` ((S,) uint8: 1 where the body holds a token, 0 in the
-    stand-in body of an empty cache) carries its length as a symbol of its own (see :mod:`fxpress.ops.kv`).  The tail is padded to a fixed
-    capacity (layers, 1, heads, capacity, head_dim); its first `tail_length` (a (1,) int64 tensor)
-    slots hold tokens, the rest are masked out.  Body, tail and the new token are attended to as
-    separate pieces (:meth:`DecoderStep.run`): a tensor spanning body and tail would have a length
-    like S + 73, which TVM's reshape analysis cannot split.  `rotation` (head_dim, head_dim) undoes a rotation the cache
-    applied before quantizing.
+    stand-in body of an empty cache) carries its length as a symbol of its own (see
+    :mod:`fxpress.ops.kv`).  The tail is padded to a fixed capacity (layers, 1, heads, capacity,
+    head_dim); its first `tail_length` (a (1,) int64 tensor) slots hold tokens, the rest are masked
+    out.  Body, tail and the new token are attended to as separate pieces (:meth:`DecoderStep.run`):
+    a tensor spanning body and tail would have a length like S + 73, which TVM's reshape analysis
+    cannot split.  `rotation` (head_dim, head_dim) undoes a rotation the cache applied before
+    quantizing.
     """
 
     def __init__(self, step: DecoderStep, key_bits: int, key_group: int, keys_per_channel: bool,

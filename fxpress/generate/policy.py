@@ -232,7 +232,8 @@ def parse_policy(text: str | CachePolicy | None) -> CachePolicy:
     for part in split_components(text):
         match = _ITEM.match(part)
         if not match:
-            raise GenerationError(f"cache policy '{text}': cannot read '{part.strip()}'; write name{{option=value,...}}")
+            raise GenerationError(f"cache policy '{text}': cannot read '{part.strip()}'; "
+                                  "write name{option=value,...}")
         name, body = match.group(1), match.group(2)
         where = f"cache policy '{text}', component {name}"
         if name == "full":

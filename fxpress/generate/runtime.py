@@ -107,11 +107,11 @@ class Generator:
         self.heads = self.step_module.heads
 
     # -- the two graphs ----------------------------------------------------------------------------
-    def _build(self, module: nn.Module, inputs: tuple, dynamic: dict) -> Callable:
+    def _build(self, module: nn.Module, inputs: tuple, dynamic: dict, what: str) -> Callable:
         if self.target == "eager":
             return module
         from fxpress.ir import capture
-        graph = capture(module, inputs, dynamic=dynamic, name=f"{type(self.lm).__name__}.{'prefill' if len(inputs) == 2 else 'decode'}")
+        graph = capture(module, inputs, dynamic=dynamic, name=f"{type(self.lm).__name__}.{what}")
         if self.target == "export":
             return graph.module
         from fxpress.backends import compile as compile_graph
@@ -129,14 +129,14 @@ class Generator:
             module = DecoderStep(self.lm, prefill=True, observe=observe).eval()
             example = torch.zeros(1, max(observe, 2) + 2, dtype=torch.long)
             self._prefill[observe] = self._build(module, (example, torch.arange(example.shape[1]).unsqueeze(0)),
-                                                 {0: {1: "tokens"}, 1: {1: "tokens"}})
+                                                 {0: {1: "tokens"}, 1: {1: "tokens"}}, "prefill")
         return self._prefill[observe]
 
     def decode_fn(self) -> Callable:
         if self._decode is None:
             past = torch.zeros(self.layers, 1, self.kv_heads, 4, self.head_dim)
             example = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([[4]]), past, past.clone())
-            self._decode = self._build(self.step_module, example, {2: {3: "past"}, 3: {3: "past"}})
+            self._decode = self._build(self.step_module, example, {2: {3: "past"}, 3: {3: "past"}}, "decode")
         return self._decode
 
     def compressed_decode_fn(self, cache: CompressedCache) -> Callable:
@@ -150,13 +150,13 @@ class Generator:
             # an example cache of the same stored form: 2 groups of tokens in the body, 3 in the tail
             policy = replace(cache.policy, evict=None, quant=replace(cache.policy.quant, window=3))
             example = CompressedCache(policy, self.layers, self.kv_heads, self.head_dim, cache.tail_capacity)
-            tokens = 2 * example._key_unit() + 3
+            tokens = 2 * example.key_unit + 3
             example.load(torch.randn(self.layers, self.kv_heads, tokens, self.head_dim),
                          torch.randn(self.layers, self.kv_heads, tokens, self.head_dim))
             inputs = (torch.zeros(1, 1, dtype=torch.long), torch.tensor([[tokens]]), *example.packed())
             dims = {i: {1: "groups"} for i in range(2, 8)}
             dims[8] = {0: "tokens"}
-            self._compressed[key] = self._build(module, inputs, dims)
+            self._compressed[key] = self._build(module, inputs, dims, "decode_compressed")
         return self._compressed[key]
 
     def uses_compressed_graph(self, cache: CompressedCache) -> bool:

@@ -13,6 +13,10 @@ with a reference implementation (store, restore) and its exact stored bytes:
                           two float16 magnitudes; restore: x_i ~ |x_i| e.  Tokens whose normalized
                           angular distance d = arccos(cos(x1, x2)) / pi is large are retained
                           unmerged: float16 copies of both vectors + an int32 index each.
+    Rotated               any of the above of x @ R, R an orthogonal constant of the head dim
+                          (Hadamard): no stored bytes of its own
+    fxpress::kv_dequantize  the op a compressed decode-step graph restores a quantized body with
+                          (all layers at once; layout below `PackedBody`)
 
 Keys are quantized per channel (groups run along tokens) and values per token (groups run along
 channels), as in KIVI (Liu et al., 2024): key outliers sit in fixed channels, value errors stay
