@@ -6,6 +6,7 @@ intrinsics when the first TuneContext is made.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +42,12 @@ def test_tuning_records_every_function_and_matches_eager(tuned):
     model, x, _, folder, first = tuned
     report = first.info["tuning"]
     assert report["tuned"] >= 1 and report["trials"] == TRIALS and report["tasks"] >= 3
-    records = (folder / "database_tuning_record.json").read_text().splitlines()
-    workloads = (folder / "database_workload.json").read_text().splitlines()
+    assert report["cost_model"] == "xgb" and report["trials_per_minute"] > 0  # xgboost-cpu is pinned
+    records_dir = Path(report["dir"])
+    assert records_dir.parent == folder and records_dir.name == report["key"]
+    assert report["key"].startswith("llvm-") and report["key"].endswith(f"-t{torch.get_num_threads()}")
+    records = (records_dir / "database_tuning_record.json").read_text().splitlines()
+    workloads = (records_dir / "database_workload.json").read_text().splitlines()
     assert len(workloads) == report["tasks"] and len(records) >= report["tasks"] + 1
     assert all(json.loads(line) for line in records)
     assert (first(x) - model(x)).abs().max().item() < 1e-5
@@ -50,12 +55,27 @@ def test_tuning_records_every_function_and_matches_eager(tuned):
 
 def test_second_compile_reuses_database_without_trials(tuned):
     model, x, graph, folder, first = tuned
-    records_before = (folder / "database_tuning_record.json").read_text()
+    records = Path(first.info["tuning"]["dir"]) / "database_tuning_record.json"
+    records_before = records.read_text()
     again = backends.compile(graph, "llvm", tune_trials=TRIALS, tuning_dir=folder)
     assert again.info["tuning"]["tuned"] == 0 and again.info["tuning"]["trials"] == 0
     assert again.info["tuning"]["seconds"] < 5
-    assert (folder / "database_tuning_record.json").read_text() == records_before
+    assert records.read_text() == records_before
     assert torch.equal(again(x), first(x))
+
+
+def test_records_are_kept_per_thread_count(tuned):
+    """Schedules tuned at one thread count land in their own folder; another count starts afresh."""
+    _, x, graph, folder, first = tuned
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        other = backends.compile(graph, "llvm", tuning_dir=folder)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.info["tuning"]["key"].endswith(f"-t{threads + 1}")
+    assert other.info["tuning"]["dir"] != first.info["tuning"]["dir"]
+    assert other.info["tuning"]["tasks"] == first.info["tuning"]["tasks"]
 
 
 def test_tuning_dir_alone_applies_the_database(tuned):

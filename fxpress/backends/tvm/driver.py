@@ -1,9 +1,12 @@
 """Graph -> TVM executable for one target: lower to Relax, tune if asked, build (the TVM backend's build)."""
 from __future__ import annotations
 
+import hashlib
 import re
 import tempfile
 from pathlib import Path
+
+import torch
 
 from fxpress.backends.targets import TargetSpec
 from fxpress.errors import LoweringError
@@ -74,9 +77,20 @@ def tune_lowered(lowered, spec: TargetSpec, trials: int, tuning_dir: str | Path 
         raise LoweringError(f"MetaSchedule tuning is implemented for target 'llvm' only, not {spec.name!r}")
     if trials < 0:
         raise LoweringError(f"tune_trials must be >= 0, got {trials}")
-    folder = str(tuning_dir) if tuning_dir else tempfile.mkdtemp(prefix="fxpress-tuning-")
+    root = str(tuning_dir) if tuning_dir else tempfile.mkdtemp(prefix="fxpress-tuning-")
     target = make_target(spec)
+    key = records_key(target, torch.get_num_threads())
+    folder = str(Path(root) / key)
     report = tune(fused_module(lowered.mod, target, fast_math=fast_math), target, folder, trials)  # as the build
-    summary = {"dir": folder, "tasks": report.tasks, "tuned": len(report.tuned), "trials": report.trials,
-               "seconds": round(report.seconds, 2)}
+    minutes = report.seconds / 60
+    summary = {"dir": folder, "key": key, "tasks": report.tasks, "tuned": len(report.tuned), "trials": report.trials,
+               "seconds": round(report.seconds, 2), "cost_model": report.cost_model,
+               "trials_per_minute": round(report.trials / minutes, 1) if report.trials and minutes else None}
     return folder, summary
+
+
+def records_key(target, threads: int) -> str:
+    """The sub-folder of a tuning dir that holds records for one target and thread count: schedules
+    tuned for one are not the best for another (``llvm-<hash of the target>-t<threads>``)."""
+    digest = hashlib.sha1(str(target).encode()).hexdigest()[:10]
+    return f"{target.kind.name}-{digest}-t{threads}"

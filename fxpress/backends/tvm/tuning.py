@@ -114,6 +114,7 @@ class TuningReport:
     tuned: list[str] = field(default_factory=list)
     trials: int = 0
     seconds: float = 0.0
+    cost_model: str | None = None  # xgb (xgboost installed) or random; None when nothing was tuned
 
 
 def open_database(tuning_dir: str | Path) -> ms.database.JSONDatabase:
@@ -234,6 +235,7 @@ def tune(mod: tvm.IRModule, target, tuning_dir: str | Path, trials: int,
                           runner=InProcessRunner(), database=database, cost_model=cost_model)
         report.tuned = [task.task_name for task in chosen]
         report.trials = trials
+        report.cost_model = cost_model
     report.seconds = time.perf_counter() - start
     log.info("tuned %d of %d functions (%d trials) in %.1f s", len(report.tuned), report.tasks, report.trials,
              report.seconds)
