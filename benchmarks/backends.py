@@ -12,8 +12,9 @@ tvm-tuned (MetaSchedule, N trials over the heaviest functions; the database
 goes to DIR/<model> and is reused by the next run, else a temporary folder;
 compile_s of a first run includes ~40 s of TVM start-up for tuning).
 Threads 1 and 2 (--quick: 1 thread, no tuning).  Each row: model, backend, threads,
-latency_ms (median of interleaved rounds), ratio_to_eager, max_abs_err
-(vs eager), compile_s.  The summary gives the geometric mean of tvm/eager.
+latency_ms (median of interleaved rounds), ratio_to_eager, ratio_to_onnxruntime,
+max_abs_err (vs eager), compile_s.  The summary gives the geometric means against
+eager and against onnxruntime.
 """
 from __future__ import annotations
 
@@ -92,30 +93,36 @@ def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: 
                 fn.set_threads(threads)
         latency = interleaved_latency({n: fn for n, (fn, _) in built.items()}, inputs, rounds=rounds)
         eager_ms = latency["eager"].median_ms
+        ort_ms = latency["onnxruntime"].median_ms if "onnxruntime" in latency else None
         for name, (fn, compile_s) in built.items():
             with torch.no_grad():
                 error = (fn(*inputs) - reference).abs().max().item()
             rows.append({"model": model_name, "backend": name, "threads": threads,
                          "latency_ms": round(latency[name].median_ms, 4),
                          "ratio_to_eager": round(latency[name].median_ms / eager_ms, 3),
+                         "ratio_to_onnxruntime": round(latency[name].median_ms / ort_ms, 3) if ort_ms else None,
                          "max_abs_err": float(f"{error:.3g}"), "compile_s": round(compile_s, 2)})
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     width = max(12, *(len(r["model"]) + 2 for r in rows))
-    header = f"{'model':<{width}}{'backend':<15}{'thr':>4}{'ms':>10}{'x eager':>9}{'max err':>10}{'compile s':>11}"
+    header = (f"{'model':<{width}}{'backend':<15}{'thr':>4}{'ms':>10}{'x eager':>9}{'x ort':>7}{'max err':>10}"
+              f"{'compile s':>11}")
     print(header)
     print("-" * len(header))
     for r in rows:
+        ort = r.get("ratio_to_onnxruntime")
         print(f"{r['model']:<{width}}{r['backend']:<15}{r['threads']:>4}{r['latency_ms']:>10.3f}"
-              f"{r['ratio_to_eager']:>9.2f}{r['max_abs_err']:>10.2g}{r['compile_s']:>11.1f}")
+              f"{r['ratio_to_eager']:>9.2f}{ort if ort is not None else float('nan'):>7.2f}"
+              f"{r['max_abs_err']:>10.2g}{r['compile_s']:>11.1f}")
     for backend in sorted({r["backend"] for r in rows} - {"eager"}):
-        ratios = [r["ratio_to_eager"] for r in rows
-                  if r["backend"] == backend and r["threads"] == 1 and "+" not in r["model"]]
-        if ratios:
-            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-            print(f"geomean {backend} / eager (1 thread, {len(ratios)} zoo models): {geo:.2f}")
+        for key, against in (("ratio_to_eager", "eager"), ("ratio_to_onnxruntime", "onnxruntime")):
+            ratios = [r[key] for r in rows if r["backend"] == backend and r["threads"] == 1 and "+" not in r["model"]
+                      and r.get(key)]
+            if ratios and backend != against:
+                geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+                print(f"geomean {backend} / {against} (1 thread, {len(ratios)} zoo models): {geo:.2f}")
 
 
 def split_models(text: str) -> list[str]:
