@@ -81,7 +81,8 @@ def tune_lowered(lowered, spec: TargetSpec, trials: int, tuning_dir: str | Path 
     target = make_target(spec)
     key = records_key(target, torch.get_num_threads())
     folder = str(Path(root) / key)
-    report = tune(fused_module(lowered.mod, target, fast_math=fast_math), target, folder, trials)  # as the build
+    # the module exactly as the build fuses it (GEMV weight packing goes with the schedules)
+    report = tune(fused_module(lowered.mod, target, fast_math=fast_math, gemv=fast_math), target, folder, trials)
     minutes = report.seconds / 60
     summary = {"dir": folder, "key": key, "tasks": report.tasks, "tuned": len(report.tuned), "trials": report.trials,
                "seconds": round(report.seconds, 2), "cost_model": report.cost_model,

@@ -7,8 +7,12 @@ libm's expf/erff run one lane at a time), then adds, after fusion:
 
 1. ``MetaScheduleApplyDatabase`` when a tuning database is given (tuned
    functions are marked scheduled and left alone), then
-2. ``ApplyDefaultSchedule`` with the rules of :mod:`.schedules` (matmul,
-   conv2d, reductions, elementwise) and dlight's CPU GEMV/Reduction.
+2. ``ApplyDefaultSchedule`` with the rules of :mod:`.schedules` (single-row
+   matmuls, matmul, conv2d, reductions, elementwise) and dlight's CPU
+   GEMV/Reduction.
+
+Before lifting, single-row linears (batch-1 decode) take their weight packed
+in column panels (:mod:`.gemv_schedule`).
 
 ``LiftTransformParams`` runs first so weight-only work (transposes of
 linear weights, layout changes) moves to ``main_transform_params`` and runs
@@ -75,8 +79,8 @@ def _lower_and_finalize(cuda: bool = False) -> list:
 
 
 def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,
-                    schedule: bool = True) -> list:
-    """The scheduling passes that run after fusion for `target`."""
+                    schedule: bool = True, gemv: bool = True) -> list:
+    """The scheduling passes that run after fusion for `target` (gemv: see :func:`build_pipeline`)."""
     from tvm.s_tir import dlight as dl
 
     passes = []
@@ -88,18 +92,27 @@ def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,
     elif target.kind.name == "llvm" and schedule:
         from fxpress.backends.tvm.schedules import cpu_rules
 
-        passes.append(dl.ApplyDefaultSchedule(*cpu_rules()))
+        passes.append(dl.ApplyDefaultSchedule(*cpu_rules(gemv=gemv)))
     return passes
 
 
-def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool | None = None) -> tvm.IRModule:
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool | None = None,
+                 gemv: bool | None = None) -> tvm.IRModule:
     """`mod` after param lifting, legalization and fusion: the functions schedules and tuning see.
 
     fast_math (default: on for llvm): exp/erf/tanh as vectorizable polynomials (:mod:`.fast_math`).
+    gemv (default: on for llvm): single-row linears take their weight packed in column panels
+    (:class:`.gemv_schedule.PackGemvWeights`, done once at load time by ``main_transform_params``).
     """
+    from fxpress.backends.tvm.gemv_schedule import PackGemvWeights
+
     if fast_math is None:
         fast_math = target.kind.name == "llvm"
-    seq = tvm.transform.Sequential([relax.transform.LiftTransformParams(), *_legalize_and_fuse(fast_math)])
+    if gemv is None:
+        gemv = target.kind.name == "llvm"
+    packing = [PackGemvWeights(target)] if gemv else []
+    seq = tvm.transform.Sequential([*packing, relax.transform.LiftTransformParams(),
+                                    *_legalize_and_fuse(fast_math)])
     with target:
         return seq(mod)
 
@@ -114,19 +127,23 @@ def write_ir(mod: tvm.IRModule, folder: str | Path, name: str) -> Path:
 
 
 def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None,
-                   schedule: bool = True, dump_dir: str | Path | None = None) -> tvm.transform.Pass:
+                   schedule: bool = True, dump_dir: str | Path | None = None,
+                   gemv: bool = True) -> tvm.transform.Pass:
     """The whole Relax pipeline for `target` (pass it to ``tvm.compile(relax_pipeline=...)``).
 
     dump_dir: write the module after fusion and after scheduling there (see the module docstring).
+    gemv: single-row linears with packed weights and their schedule (:mod:`.gemv_schedule`; llvm
+    with schedules only); False leaves them to the other rules, for comparisons.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="fxpress_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            mod = fused_module(mod, target, fast_math=schedule and target.kind.name == "llvm")
+            llvm = schedule and target.kind.name == "llvm"
+            mod = fused_module(mod, target, fast_math=llvm, gemv=llvm and gemv)
             if dump_dir is not None:
                 write_ir(mod, dump_dir, "01_fused.tir.py")
-            mod = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule))(mod)
+            mod = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule, gemv))(mod)
             if dump_dir is not None:
                 write_ir(mod, dump_dir, "02_scheduled.tir.py")
             return tvm.transform.Sequential(_lower_and_finalize(cuda=target.kind.name == "cuda"))(mod)

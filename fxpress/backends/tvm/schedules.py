@@ -10,6 +10,7 @@ Each rule takes a PrimFunc and returns a scheduled ``s_tir.Schedule`` or None
   vector registers (rows unrolled, columns vectorized) while k runs
   innermost; ragged sizes are padded to whole tiles; B is packed to
   ``[s, k, j]`` when it is not already contiguous in j.
+- :class:`~.gemv_schedule.GEMV` first: single-row matmuls (batch-1 decode linears).
 - dlight's ``cpu.GEMV``, then :class:`~.reduction_schedule.RowReduction` (softmax, layer
   norm: dlight's ``cpu.Reduction`` with vectorized partial accumulators).
 - :class:`Injective`: elementwise/transposes: outer loops fused and
@@ -307,13 +308,18 @@ class Injective(ScheduleRule):
         return sch
 
 
-def cpu_rules() -> list[ScheduleRule]:
-    """The rules ApplyDefaultSchedule tries on llvm targets, most specific first."""
+def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
+    """The rules ApplyDefaultSchedule tries on llvm targets, most specific first.
+
+    gemv: the single-row matmul rule (:mod:`.gemv_schedule`); False leaves those functions to the
+    others (which do not take them: naive loops), for comparisons.
+    """
     from tvm.s_tir import dlight as dl
 
+    from fxpress.backends.tvm.gemv_schedule import GEMV
     from fxpress.backends.tvm.reduction_schedule import RowReduction
 
-    return [Matmul(), dl.cpu.GEMV(), RowReduction(), Injective()]
+    return [*([GEMV()] if gemv else []), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective()]
 
 
 __all__ = ["Injective", "Matmul", "cpu_rules", "llvm_get_vector_width"]

@@ -1,0 +1,294 @@
+"""Single-row matmuls on CPU: a linear at batch-1 decode, ``y[0, j] = sum_k x[0, k] * W[k, j]``.
+
+The register-blocked :class:`~.schedules.Matmul` rule does not take them (dlight's index
+maps find no row axis of extent 1) and dlight's ``cpu.GEMV`` schedules only weights read
+along k, so they ran as naive loops.  Two parts:
+
+- :class:`PackGemvWeights` (Relax, before ``LiftTransformParams``): a linear whose input
+  has one row and whose weight is a parameter ``W (N, K)`` gets its weight as panels
+  ``Wp (N/NB, K, NB)`` (``Wp[p, k, c] = W[p*NB + c, k]``) and becomes a matmul of the row
+  with every panel.  The packing is weight-only, so it runs once at load time, and the
+  matmul then streams each panel as one contiguous block (the ``(K, N)`` transpose read
+  NB columns per row, a new 4 KiB page per k when N is large; see docs/backends.md).
+- :class:`GEMV` (TIR schedule rule): ``C[.., j] += x[.., k] * W[.., k, j]`` where x reads
+  no output axis of extent > 1 and W is contiguous in j.  Column panels of ``NB`` run in
+  parallel; k is split into SEGMENTS parts read side by side, each with its ``NB`` partial
+  sums in a panel-local array (vector registers as far as they go) while k runs (NB/lanes independent FMA chains, one broadcast of
+  ``x[k]`` per step); the segments are added and the panel written once, with any fused
+  elementwise epilogue (a packed matmul has none: FuseOps stops at the reshape after it).  Elementwise producers of W (a weight that is not a parameter) are
+  inlined into the update.  It takes the packed matmuls and unpacked single-row matmuls
+  alike; it leaves matmuls with more than one row, a symbolic column count or W read
+  along k to the other rules.  Its update block is annotated ``fxpress.schedule = "gemv"``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_reduction_blocks
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+from fxpress.backends.tvm.schedule_utils import (has_root_block, is_cpu, multiply_add_reads, root_block,
+                                                 vector_factor, vector_lanes)
+
+log = logging.getLogger(__name__)
+
+ANNOTATION = "fxpress.schedule"
+PANEL_COLUMNS = 64  # fp32 columns per panel: 4 cache lines of W per k (32 and 128 were slower here)
+SEGMENTS = 2  # segments of k a panel reads side by side: two streams of W keep more loads in flight
+MIN_SEGMENT_DEPTH = 64
+
+
+def panel_width(columns: int, lanes: int) -> int:
+    """Output columns per panel: the widest multiple of `lanes` up to PANEL_COLUMNS that divides
+    `columns`; else the widest divisor up to that width when it fills a vector (LLVM splits an odd
+    vector width without a predicate); else whole vectors with a predicated last panel."""
+    widest = max(PANEL_COLUMNS, lanes)
+    for width in range(widest - widest % lanes, 0, -lanes):
+        if columns % width == 0:
+            return width
+    divisor = max(d for d in range(1, min(columns, widest) + 1) if columns % d == 0)
+    return divisor if divisor >= lanes or divisor == columns else widest - widest % lanes
+
+
+# -- the weight layout (Relax) ---------------------------------------------------------------------
+
+@relax.expr_functor.mutator
+class _PackGemvMutator(relax.PyExprMutator):
+    """``matmul(x, permute_dims(W))`` with one row in x and W a parameter -> matmul with W's panels."""
+
+    def __init__(self, mod: tvm.IRModule, vector_bits: int):
+        super().__init__(mod)
+        self.vector_bits = vector_bits
+        self.weights: list = []
+        self.packed = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") != "relax.matmul":
+            return call
+        plan = self._plan(call)
+        if plan is None:
+            return call
+        x, weight, (columns, depth, width) = plan
+        bb = self.builder_
+        panels = bb.emit(relax.op.reshape(weight, (columns // width, width, depth)))
+        panels = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
+        row = bb.emit(relax.op.reshape(x, (1, depth)))
+        out_dtype = call.attrs.out_dtype
+        out_dtype = None if out_dtype is None or str(out_dtype) in ("", "void") else out_dtype
+        product = bb.emit(relax.op.matmul(row, panels, out_dtype=out_dtype))
+        self.packed += 1
+        return relax.op.reshape(product, call.ty.shape)
+
+    def _plan(self, call: relax.Call):
+        """(x, W, (N, K, NB)) when the call is a single-row linear this pass packs; else None."""
+        x, transposed = call.args
+        binding = self.lookup_binding(transposed) if isinstance(transposed, relax.Var) else None
+        if binding is None or getattr(binding.op, "name", "") != "relax.permute_dims":
+            return None
+        weight = binding.args[0]
+        axes = binding.attrs.axes
+        if not any(weight.same_as(w) for w in self.weights) or axes is None or [int(a) for a in axes] != [1, 0]:
+            return None
+        x_shape, w_shape = _static_shape(x), _static_shape(weight)
+        if x_shape is None or w_shape is None or len(w_shape) != 2 or math.prod(x_shape[:-1]) != 1:
+            return None
+        columns, depth = w_shape
+        lanes = max(self.vector_bits // tvm.DataType(str(weight.ty.dtype)).bits, 1)
+        width = panel_width(columns, lanes)
+        if columns % width or width % lanes or width == columns:
+            return None  # a ragged last panel, or one panel: the transposed layout is as good
+        return x, weight, (columns, depth, width)
+
+
+def _static_shape(expr) -> list[int] | None:
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None or not all(isinstance(v, tirx.IntImm) for v in values):
+        return None
+    return [int(v) for v in values]
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.PackGemvWeights")
+class PackGemvWeights:
+    """Single-row linears take their weight as column panels (see the module doc).
+
+    Runs on functions with a ``num_input`` attribute (parameters after the inputs are weights),
+    before ``LiftTransformParams``.
+    """
+
+    def __init__(self, target: Target):
+        bits = llvm_get_vector_width(target)
+        self.vector_bits = bits if bits and bits > 0 else 128
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _PackGemvMutator(mod, self.vector_bits)
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or not func.attrs or "num_input" not in func.attrs:
+                continue
+            mutator.weights = list(func.params[int(func.attrs["num_input"]):])
+            before = mutator.packed
+            new_func = mutator.visit_expr(func)
+            if mutator.packed != before:
+                mutator.builder_.update_func(gv, new_func)
+        log.debug("packed the weights of %d single-row matmuls", mutator.packed)
+        return mutator.builder_.get()
+
+
+# -- the schedule (TIR) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GemvPattern:
+    """The loops of a single-row matmul block: outer loops (unit rows, panels or batches of W that
+    the row is broadcast over), the output column loop (W's contiguous axis, static), the k loop."""
+
+    outer: list
+    column: object
+    reduction: object
+    columns: int
+    depth: int | None  # k's extent when static
+
+
+def match_gemv(sch: s_tir.Schedule, block) -> GemvPattern | None:
+    """The loops of `block` when it is ``C[.., j] += x[.., k] * W[.., k, j]``: x reads no output axis
+    of extent > 1, W is contiguous in a static j; else None."""
+    stmt = sch.get(block)
+    if not multiply_add_reads(stmt):
+        return None
+    pairs = _loop_of_each_iter(sch, block)
+    if pairs is None or any(iv.iter_type not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce)
+                            for iv, _ in pairs):
+        return None
+    reduce = [(iv, loop) for iv, loop in pairs if iv.iter_type == tirx.IterVar.CommReduce]
+    wide = [iv.var for iv, _ in pairs if iv.iter_type == tirx.IterVar.DataPar and not _is_one(iv.dom.extent)]
+    if len(reduce) != 1 or not wide:
+        return None
+    reads = [r for r in stmt.reads if not any(r.source.same_as(w.source) for w in stmt.writes)]
+    vector = [r for r in reads if not any(_reads_var(r, v) for v in wide)]
+    weight = [r for r in reads if all(_reads_var(r, v) for v in wide) and _reads_var(r, reduce[0][0].var)]
+    if len(vector) != 1 or len(weight) != 1:
+        return None
+    innermost = weight[0].region[-1].min
+    column = next(((iv, loop) for iv, loop in pairs if innermost.same_as(iv.var)), None)
+    if column is None or not any(column[0].var.same_as(v) for v in wide):  # W[j, k]: read along k
+        return None
+    if not isinstance(column[0].dom.extent, tirx.IntImm):
+        return None
+    outer = [loop for iv, loop in pairs if iv.iter_type == tirx.IterVar.DataPar and iv is not column[0]]
+    depth = reduce[0][0].dom.extent
+    return GemvPattern(outer=outer, column=column[1], reduction=reduce[0][1], columns=int(column[0].dom.extent),
+                       depth=int(depth) if isinstance(depth, tirx.IntImm) else None)
+
+
+class GEMV(ScheduleRule):
+    """Single-row matmul: parallel column panels, partial sums in registers, weights streamed once."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
+            return None
+        sch = s_tir.Schedule(func)
+        reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
+        if reductions is None:
+            return None
+        main = reductions[0]
+        try:
+            auto_inline_producers(sch, main)
+            pattern = match_gemv(sch, main)
+            if pattern is None:
+                return None
+            self._schedule(sch, main, pattern, vector_lanes(target, sch.get(main)))
+        except Exception as err:  # noqa: BLE001 - a primitive refused: not this rule's pattern
+            log.debug("gemv rule skipped %s: %s", func.attrs.get("global_symbol") if func.attrs else "", err)
+            return None
+        return sch
+
+    @staticmethod
+    def _schedule(sch: s_tir.Schedule, main, pattern: GemvPattern, lanes: int) -> None:
+        if sch.get_producers(main):
+            raise ValueError("a producer that cannot be inlined")
+        partial = sch.cache_write(main, 0, "global")  # a panel's sums: a stack array, registers (see Matmul)
+        auto_inline_consumers(sch, partial)
+        width = panel_width(pattern.columns, lanes)
+        panel, column = sch.split(pattern.column, [None, width])
+        update, step = main, pattern.reduction
+        segments = reduction_segments(pattern.depth)
+        outer_loops = [*pattern.outer, panel]
+        if segments > 1:
+            segment, step = sch.split(pattern.reduction, [segments, None])
+            positions = _positions(sch, sch.get_loops(main), [*outer_loops, column, segment, step])
+            update = sch.rfactor(segment, 0)  # update[s, .., j] sums segment s; main adds the segments
+            after = sch.get_loops(update)  # the same loop nest, as new loops
+            [*outer_loops, column, segment, step] = [after[i] for i in positions]
+            sch.reorder(*outer_loops, step, segment, column)
+            sch.unroll(segment)
+        else:
+            sch.reorder(*outer_loops, step, column)
+        outer = sch.fuse(*outer_loops)
+        sch.parallel(outer)
+        for block in ([main] if segments > 1 else []) + [partial]:
+            sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+        _vectorize_innermost(sch, partial, lanes)
+        for epilogue in sch.get_consumers(partial):  # not inlinable: its own parallel vector loops
+            loops = sch.get_loops(epilogue)
+            if len(loops) > 1:
+                sch.parallel(sch.fuse(*loops[:-1]))
+            _vectorize_innermost(sch, epilogue, lanes)
+        vector = min(lanes, width)
+        if width % vector == 0 and width > vector:
+            repeat, column = sch.split(column, [None, vector])
+            sch.unroll(repeat)
+        sch.vectorize(column)
+        sch.annotate(update, ANNOTATION, "gemv")
+        init = sch.decompose_reduction(update, step)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _positions(sch: s_tir.Schedule, loops: list, wanted: list) -> list[int]:
+    """The index of each of `wanted` in `loops`."""
+    return [next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(w))) for w in wanted]
+
+
+def reduction_segments(depth: int | None) -> int:
+    """How many segments of k a panel reads at once (each its own contiguous stream and partial sums):
+    SEGMENTS when they split a static k of at least MIN_SEGMENT_DEPTH each evenly, else 1."""
+    if not isinstance(depth, int) or depth % SEGMENTS or depth // SEGMENTS < MIN_SEGMENT_DEPTH:
+        return 1
+    return SEGMENTS
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
+    loops = sch.get_loops(block)
+    size = sch.get(loops[-1]).extent
+    factor = vector_factor(int(size), lanes) if isinstance(size, tirx.IntImm) else None
+    if factor:
+        _, inner = sch.split(loops[-1], [None, factor])
+        sch.vectorize(inner)
+
+
+def _loop_of_each_iter(sch: s_tir.Schedule, block) -> list | None:
+    """(iter var, loop) pairs when every block iter is bound to exactly one loop variable."""
+    from tvm_ffi import get_global_func
+
+    realize = get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    loops = [(sch.get(loop).loop_var, loop) for loop in sch.get_loops(block)]
+    pairs = []
+    for iv, value in zip(sch.get(block).iter_vars, realize.iter_values):
+        loop = next((lp for var, lp in loops if value.same_as(var)), None)
+        if loop is None:
+            return None
+        pairs.append((iv, loop))
+    return pairs
+
+
+def _is_one(expr) -> bool:
+    return isinstance(expr, tirx.IntImm) and int(expr) == 1
+
+
+def _reads_var(region, var) -> bool:
+    return any(any(v.same_as(var) for v in tirx.analysis.undefined_vars(axis.min)) for axis in region.region)

@@ -1,0 +1,89 @@
+"""Single-row matmuls (batch-1 linears): packed weights, the GEMV schedule, exact against eager."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from fxpress import backends
+from fxpress.ir import capture
+
+GEMV_MARK = '"fxpress.schedule": "gemv"'
+
+
+class LinearGelu(torch.nn.Module):
+    """A linear with a bias and a fused GELU epilogue."""
+
+    def __init__(self, depth: int, columns: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(depth, columns)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.linear(x))
+
+
+def _compile(model: torch.nn.Module, x: torch.Tensor, folder):
+    """(compiled, eager output, scheduled TIR text) for `model` on `x`."""
+    model = model.eval()
+    graph = capture(model, (x,), name=type(model).__name__.lower())
+    compiled = backends.compile(graph, "llvm", dump_ir=folder)
+    with torch.no_grad():
+        expected = model(x)
+    return compiled, expected, (folder / "02_scheduled.tir.py").read_text()
+
+
+def _prim_funcs(script: str) -> dict[str, str]:
+    """Function name -> its text, for the PrimFuncs of a scheduled module dump."""
+    parts = re.split(r"\n    @T\.prim_func", script)
+    return {re.search(r"def (\w+)\(", part).group(1): part for part in parts[1:]}
+
+
+@pytest.mark.parametrize("depth,columns,bias", [
+    (576, 192, False),  # packed: 192 = 3 panels of 64 (or 4 of 48), two segments of k
+    (100, 37, False),  # K and N multiples of no vector: the transposed weight, one odd-width panel
+    (40, 131, False),  # a prime N > one panel: whole-vector panels, the last one predicated
+    (64, 200, True),  # N = 4 x 50: an odd panel width, the bias fused into the write-back
+    (256, 96, True),  # packed, two segments of k, bias + GELU after the panels' reshape
+])
+def test_single_row_linear_is_scheduled_as_gemv_and_matches_eager(tmp_path, depth, columns, bias):
+    torch.manual_seed(0)
+    model = LinearGelu(depth, columns) if bias else torch.nn.Linear(depth, columns, bias=False)
+    x = torch.randn(1, 1, depth)
+    compiled, expected, script = _compile(model, x, tmp_path)
+    assert torch.allclose(compiled(x), expected, atol=1e-4, rtol=1e-4)
+    matmuls = {name: text for name, text in _prim_funcs(script).items() if "matmul" in name}
+    assert matmuls and all(GEMV_MARK in text for text in matmuls.values()), script
+    assert all("tirx.is_scheduled" in text for text in _prim_funcs(script).values())
+
+
+def test_weights_of_single_row_linears_are_packed_in_panels(tmp_path):
+    from fxpress.backends.tvm.gemv_schedule import PANEL_COLUMNS
+
+    model = torch.nn.Linear(64, 512, bias=False)
+    _, _, script = _compile(model, torch.randn(1, 1, 64), tmp_path)
+    panels = re.search(r"def main_transform_params.*?-> R\.Tuple\(R\.Tensor\(\((\d+), 64, (\d+)\)", script, re.S)
+    assert panels is not None, script
+    count, width = int(panels.group(1)), int(panels.group(2))
+    assert count * width == 512 and width <= PANEL_COLUMNS and count > 1
+
+
+@pytest.mark.parametrize("rows", [4, 13])
+def test_matmuls_with_several_rows_are_left_to_the_matmul_rule(tmp_path, rows):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 128, bias=False)
+    x = torch.randn(1, rows, 64)
+    compiled, expected, script = _compile(model, x, tmp_path)
+    assert torch.allclose(compiled(x), expected, atol=1e-4, rtol=1e-4)
+    assert GEMV_MARK not in script
+    assert "main_transform_params" in script and "(2, 64, 64)" not in script  # the weight is not packed
+
+
+@pytest.mark.parametrize("columns,lanes", [(1536, 16), (576, 8), (49152, 16), (200, 16), (37, 8), (96, 16)])
+def test_panel_width_divides_the_columns_in_whole_vectors_when_it_can(columns, lanes):
+    from fxpress.backends.tvm.gemv_schedule import PANEL_COLUMNS, panel_width
+
+    width = panel_width(columns, lanes)
+    assert 1 <= width <= max(PANEL_COLUMNS, lanes)
+    if any(columns % w == 0 for w in range(lanes, PANEL_COLUMNS + 1, lanes)):
+        assert width % lanes == 0 and columns % width == 0
