@@ -30,7 +30,7 @@ import torch
 
 from fxpress.eval.sources import load_text
 from fxpress.eval.stats import paired_bootstrap
-from fxpress.generate import Generator
+from fxpress.generation import Generator
 from fxpress.zoo import load_model
 
 SOURCES = {"shakespeare": "shakespeare", "pydoc": "pydoc-topics"}

@@ -1,6 +1,6 @@
 """The package's layers: no import goes up them, and no two packages import each other (in any cycle).
 
-errors, utils, zoo < ir < ops < analysis < passes < backends < eval, export, training, report, generate < recipes < cli.
+errors, utils, zoo < ir < ops < analysis < passes < backends < eval, export, training, report, generation < recipes < cli.
 zoo and utils may import only errors.  Imports inside functions count too: a lazy import up the
 layers is still a dependency up the layers.
 """
@@ -13,7 +13,7 @@ import networkx as nx
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fxpress"
 LAYERS = [{"errors"}, {"utils", "zoo"}, {"ir"}, {"ops"}, {"analysis"}, {"passes"}, {"backends"},
-          {"eval", "export", "training", "report", "generate"}, {"recipes"}, {"cli"}]
+          {"eval", "export", "training", "report", "generation"}, {"recipes"}, {"cli"}]
 RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
 ONLY_ERRORS = {"zoo", "utils"}
 

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fxpress.cli.render import console, errors, human
 from fxpress.errors import FxpressError
-from fxpress.generate import Generator, check_decoder, parse_policy
+from fxpress.generation import Generator, check_decoder, parse_policy
 
 
 def read_prompt(text: str) -> str:

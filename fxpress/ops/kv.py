@@ -1,7 +1,7 @@
 """Compressed KV-cache forms: group-quantized tensors, SLERP-merged layer pairs, observation scores.
 
 A decoder's cache holds, per layer, keys K and values V of shape (kv_heads, tokens, head_dim).  The
-forms here are the stored representations the cache policies of :mod:`fxpress.generate` build, each
+forms here are the stored representations the cache policies of :mod:`fxpress.generation` build, each
 with a reference implementation (store, restore) and its exact stored bytes:
 
     StoredTensor          a tensor kept as float16                          2 bytes per value

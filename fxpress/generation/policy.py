@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
-from fxpress.generate.decoder import GenerationError
+from fxpress.generation.decoder import GenerationError
 from fxpress.ops.kv import KV_BITS
 
 _ITEM = re.compile(r"^\s*([a-z][a-z0-9_-]*)\s*(?:\{(.*)\})?\s*$", re.S)

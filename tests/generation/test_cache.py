@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxpress.generate import CompressedCache, GenerationError, parse_policy
+from fxpress.generation import CompressedCache, GenerationError, parse_policy
 
 LAYERS, HEADS, DIM = 4, 2, 16
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxpress.generate.decoder import GenerationError
-from fxpress.generate.policy import CachePolicy
+from fxpress.generation.decoder import GenerationError
+from fxpress.generation.policy import CachePolicy
 from fxpress.ops.kv import (STORE_DTYPE, MergedPair, PackedBody, QuantizedGroups, Rotated, StoredTensor, merge_pair,
                             observation_scores, pack_body, quantize_groups, rotation)
 

@@ -1,6 +1,6 @@
 """Text generation through compressed KV caches (see docs/kv.md).
 
-    from fxpress.generate import Generator
+    from fxpress.generation import Generator
     gen = Generator(fxpress.zoo.load_model("smollm2"), target="eager")
     gen.generate("The king", max_new_tokens=32, policy="snapkv{keep=0.5}+quant{bits=4}")
 
@@ -8,10 +8,10 @@
 compiled), :mod:`.policy` parses cache policy strings, :mod:`.cache` stores a sequence's cache in its
 compressed form and counts its bytes, :mod:`.runtime` runs prefill, scoring and decoding.
 """
-from fxpress.generate.cache import CompressedCache
-from fxpress.generate.decoder import DecoderStep, GenerationError, check_decoder
-from fxpress.generate.policy import CachePolicy, parse_policy
-from fxpress.generate.runtime import GenerationResult, Generator, Prefilled, ScoreResult
+from fxpress.generation.cache import CompressedCache
+from fxpress.generation.decoder import DecoderStep, GenerationError, check_decoder
+from fxpress.generation.policy import CachePolicy, parse_policy
+from fxpress.generation.runtime import GenerationResult, Generator, Prefilled, ScoreResult
 
 __all__ = ["CachePolicy", "CompressedCache", "DecoderStep", "GenerationError", "GenerationResult", "Generator",
            "Prefilled", "ScoreResult", "check_decoder", "parse_policy"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fxpress.cli import main
-from fxpress.generate import DecoderStep, GenerationError, Generator
-from tests.hf_factories import save_tiny, tiny_model
+from fxpress.generation import DecoderStep, GenerationError, Generator
+from hf_factories import save_tiny, tiny_model
 
 PROMPT = torch.arange(3, 43) * 7 % 500  # 40 tokens
 

@@ -5,14 +5,14 @@
     result.text, result.tokens_per_s, result.stored_bytes, result.full_bytes
 
 Two graphs run a model: the prefill graph (the prompt, no past) and the decode-step graph (one
-token, the past as explicit tensors; see :mod:`fxpress.generate.decoder`).  ``target="eager"`` runs
+token, the past as explicit tensors; see :mod:`fxpress.generation.decoder`).  ``target="eager"`` runs
 the modules; ``"export"`` runs them captured by :func:`fxpress.capture` (torch.export); a TVM target
 (``"llvm"``) compiles both with :func:`fxpress.backends.compile`, the decode step with a dynamic past
 length.  Each step restores the cache (dequantize, un-merge) from its stored form, so the time of
 restoring is in tokens/s.  On captured and compiled targets, a policy with a quantized body (and no
 layer merging) runs through a decode graph that takes the stored form itself - codes, scales,
 minimums and the float16 tail - and restores it with ``fxpress::kv_dequantize`` inside the graph
-(:class:`~fxpress.generate.decoder.CompressedDecodeStep`).  Generation runs one sequence at a time.
+(:class:`~fxpress.generation.decoder.CompressedDecodeStep`).  Generation runs one sequence at a time.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from fxpress.generate.cache import CompressedCache
-from fxpress.generate.decoder import CompressedDecodeStep, DecoderStep, GenerationError, check_decoder
-from fxpress.generate.policy import CachePolicy, parse_policy
+from fxpress.generation.cache import CompressedCache
+from fxpress.generation.decoder import CompressedDecodeStep, DecoderStep, GenerationError, check_decoder
+from fxpress.generation.policy import CachePolicy, parse_policy
 
 log = logging.getLogger(__name__)
 
