@@ -290,8 +290,7 @@ class CompressedCache:
         if length > capacity:
             raise GenerationError(f"cache tail of {length} tokens exceeds its capacity {capacity}")
         pad = (0, 0, 0, capacity - length)
-        slots = torch.full((k_body.scale.shape[1] * (k_body.group if k_body.per_channel else k_body.codes.shape[2]),),
-                           valid, dtype=torch.uint8)
+        slots = torch.full((k_body.tokens,), valid, dtype=torch.uint8)
         return (*k_body.inputs(), *v_body.inputs(), slots, F.pad(self.tail_keys, pad).unsqueeze(1),
                 F.pad(self.tail_values, pad).unsqueeze(1), torch.tensor([length]))
 

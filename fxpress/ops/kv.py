@@ -97,8 +97,12 @@ class QuantizedGroups:
         length = moved.pop(self.axis)
         rows = self.codes.shape[0]
         q = unpack_codes(self.codes, self.bits, length).view(rows, length // self.group, self.group)
-        values = decode(q, self.scale.float().unsqueeze(-1), self.low.float().unsqueeze(-1), self.bits, "float")
-        return values.reshape(*moved, length).movedim(-1, self.axis)
+        return decode_groups(q, self.scale, self.low, self.bits).reshape(*moved, length).movedim(-1, self.axis)
+
+
+def decode_groups(q: Tensor, scale: Tensor, low: Tensor, bits: int) -> Tensor:
+    """float32 values of codes `q` (..., group) under their groups' float16 scale and minimum (...)."""
+    return decode(q, scale.float().unsqueeze(-1), low.float().unsqueeze(-1), bits, "float")
 
 
 def quantize_groups(x: Tensor, bits: int, group: int, axis: int) -> QuantizedGroups:
@@ -117,11 +121,6 @@ def quantize_groups(x: Tensor, bits: int, group: int, axis: int) -> QuantizedGro
     codes = pack_codes(q.reshape(rows, length).to(torch.uint8), bits) if rows else \
         torch.zeros(0, packed_bytes(length, bits), dtype=torch.uint8)
     return QuantizedGroups(codes, scale, low, tuple(x.shape), axis, bits, group)
-
-
-def quantized_bytes(numel: int, bits: int, group: int) -> int:
-    """Stored bytes of `numel` values quantized in groups of `group` (whole rows of codes assumed)."""
-    return math.ceil(numel * bits / 8) + 4 * (numel // group)
 
 
 # -- rotation before quantization ------------------------------------------------------------------
@@ -270,21 +269,23 @@ def observation_scores(queries: Tensor, keys: Tensor, kernel: int = 7, reduce: s
 # channel and channels per group per token.  `slots` is any (S,) tensor: its length is the token count,
 # so a graph's token axis is one symbol of its own (TVM cannot split a length like 8 * G + 73 where it
 # can split S + 73).  MACs: none (elementwise); it reads codes + scale + low.
+def body_tokens(codes: Tensor, group: int, per_channel: bool) -> int:
+    """Tokens of a packed body: G groups of `group` tokens per channel, or of codes.shape[2] per token."""
+    return codes.shape[1] * (group if per_channel else codes.shape[2])
+
+
 def kv_dequantize_reference(codes: Tensor, scale: Tensor, low: Tensor, slots: Tensor, bits: int, group: int,
                             layers: int, heads: int, head_dim: int, per_channel: bool) -> Tensor:
-    tokens = codes.shape[1] * (group if per_channel else codes.shape[2])
+    tokens = body_tokens(codes, group, per_channel)
     if slots.shape[0] != tokens:
         raise ValueError(f"kv_dequantize: slots has {slots.shape[0]} entries for a body of {tokens} tokens")
     if per_channel:
         rows, groups, width = codes.shape
-        tokens = groups * group
         q = unpack_codes(codes.reshape(rows * groups, width), bits, group).view(rows, groups, group)
-        values = decode(q, scale.float().unsqueeze(-1), low.float().unsqueeze(-1), bits, "float")
-        return values.reshape(layers, heads, head_dim, tokens).permute(0, 1, 3, 2).unsqueeze(1)
+        return decode_groups(q, scale, low, bits).reshape(layers, heads, head_dim, tokens).permute(0, 1, 3, 2).unsqueeze(1)
     rows, groups, per_group, width = codes.shape
     q = unpack_codes(codes.reshape(-1, width), bits, head_dim).view(rows, groups, per_group, head_dim // group, group)
-    values = decode(q, scale.float().unsqueeze(-1), low.float().unsqueeze(-1), bits, "float")
-    return values.reshape(layers, heads, groups * per_group, head_dim).unsqueeze(1)
+    return decode_groups(q, scale, low, bits).reshape(layers, heads, groups * per_group, head_dim).unsqueeze(1)
 
 
 def _kv_dequantize(codes, scale, low, slots, bits, group, layers, heads, head_dim, per_channel):
@@ -323,6 +324,10 @@ class PackedBody:
     @property
     def nbytes(self) -> int:
         return self.codes.numel() + float_bytes(self.scale) + float_bytes(self.low)
+
+    @property
+    def tokens(self) -> int:
+        return body_tokens(self.codes, self.group, self.per_channel)
 
     def inputs(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.codes, self.scale, self.low
