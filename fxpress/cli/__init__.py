@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, metavar="N")
     p.add_argument("--target", default="eager", choices=("eager", "export", "llvm"),
                    help="eager (PyTorch), export (the captured graphs) or llvm (compiled by TVM)")
+    p.add_argument("--pipeline", metavar="PIPELINE",
+                   help='compress the weights first, e.g. "quantize{bits=4,zero=int}" (passes that keep the '
+                        "architecture: quantize, quantized-distill, diff-quant, distill); a TVM target runs the "
+                        "packed codes")
+    p.add_argument("--calibration", default="4", metavar="N|SOURCE", help="with --pipeline: as for run (default 4)")
+    p.add_argument("--calibration-batches", type=int, default=4, metavar="N")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="FILE", help="also write the text, tokens and numbers as JSON")
     p.set_defaults(handler="cmd_generate")
 

@@ -1,4 +1,7 @@
-"""`fxpress generate MODEL --prompt TEXT [--cache POLICY] [--target eager|export|llvm]`.
+"""`fxpress generate MODEL --prompt TEXT [--cache POLICY] [--target eager|export|llvm] [--pipeline P]`.
+
+``--pipeline`` compresses the weights first (captured graph, the pipeline as `fxpress run` runs it,
+then the weights handed back to the modules generation runs: `fxpress.generation.with_graph_weights`).
 
 Prints the generated text, then one line of numbers: prompt and generated tokens, prefill time,
 decode tokens/s, and the cache's stored bytes against a float16 full cache (the ratio); merged layer
@@ -7,6 +10,7 @@ pairs and evicted tokens when the policy has them.  ``--json FILE`` writes the s
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from fxpress.cli.commands import _load
@@ -14,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fxpress.cli.render import console, errors, human
 from fxpress.errors import FxpressError
-from fxpress.generation import Generator, check_decoder, parse_policy
+from fxpress.generation import Generator, check_decoder, parse_policy, with_graph_weights
 
 
 def read_prompt(text: str) -> str:
@@ -26,6 +30,19 @@ def read_prompt(text: str) -> str:
     return text
 
 
+def compressed_module(model, args):
+    """The model's modules with the weights `--pipeline` leaves (see the module doc)."""
+    from fxpress.cli.commands import recipe_of
+    from fxpress.recipes.run import capture_model, run_passes
+
+    recipe = recipe_of(args, args.pipeline)
+    with console.status(f"capturing {model.name} and running {args.pipeline}..."):
+        result = run_passes(model, capture_model(model), replace(recipe, target="eager"))
+    for report in result.reports:
+        console.print(f"{report.pass_text}: {'changed the graph' if report.modified else 'no change'}", markup=False)
+    return with_graph_weights(model.module, result.graph)
+
+
 def cmd_generate(args) -> int:
     policy = parse_policy(args.cache)  # a bad policy fails before the model loads
     if args.max_new_tokens < 1:
@@ -33,7 +50,8 @@ def cmd_generate(args) -> int:
     prompt = read_prompt(args.prompt)
     model = _load(args.model, getattr(args, "task", None))
     check_decoder(model.module, f"fxpress generate {args.model}")
-    generator = Generator(model.module, model.tokenizer, target=args.target)
+    module = compressed_module(model, args) if args.pipeline else model.module
+    generator = Generator(module, model.tokenizer, target=args.target)
     if args.target != "eager":
         with console.status(f"capturing{' and compiling' if args.target != 'export' else ''} the decode step..."):
             generator.decode_fn()

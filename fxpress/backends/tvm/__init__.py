@@ -28,6 +28,8 @@ RULE_MODULES: dict[str, tuple[str, ...] | None] = {
     "fxpress.backends.tvm.sparse_rules": ("llvm", "aarch64"),  # vectorized loops, no thread binding
     # CPU schedules (vector popcount tiles): `c` has no vector types, `cuda` no thread binding.
     "fxpress.backends.tvm.binary_rules": ("llvm", "aarch64"),
+    # the codes' GEMV is a CPU schedule (vector columns, parallel panels)
+    "fxpress.backends.tvm.quant_rules": ("llvm", "aarch64"),
 }
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpress.backends.tvm.rules import OPAQUE, RuleContext, register_lowering, relax_shape, static_int
+from fxpress.backends.tvm.rules import RuleContext, register_lowering, relax_shape, static_int
 from fxpress.errors import LoweringError
 
 WORD = 32  # bits per packed word: 16 lanes of vpopcntd per 512-bit vector, int32 sums
@@ -252,20 +252,6 @@ def _static(size, what: str, node: torch.fx.Node) -> int:
     return static_int(node, size, what, "only the batch may be dynamic, or use --target native")
 
 
-def _emit_scheduled(ctx: RuleContext, compute, inputs: dict, schedule, name: str):
-    """call_tir of ``compute(**placeholders)`` built as a PrimFunc and scheduled by ``schedule(func)``."""
-    from tvm import relax, te
-
-    holders = {key: te.placeholder(relax_shape(value), str(value.ty.dtype), key) if value is not None else None
-               for key, value in inputs.items()}
-    out = compute(**holders)
-    func = te.create_prim_func([h for h in holders.values() if h is not None] + [out], "int64")
-    func = schedule(func).without_attr("global_symbol")
-    gv = ctx.bb.add_func(func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE), name)
-    args = [value for value in inputs.values() if value is not None]
-    return ctx.bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out.shape), out.dtype)))
-
-
 def schedule_pad(func):
     """Tiles of words: (b, cw) in parallel."""
     from tvm import s_tir
@@ -284,7 +270,7 @@ def _emit_popcount_conv(ctx: RuleContext, node: torch.fx.Node, x4, wt, geometry:
     p = ctx.emit_te(lambda x: pack_activations(x, geometry), x4, name=f"{name}_pack")
     offset = None
     if any(geometry.padding):
-        p = _emit_scheduled(ctx, lambda p: pad_words(p, geometry), {"p": p}, schedule_pad, f"{name}_pad")
+        p = ctx.emit_scheduled(lambda p: pad_words(p, geometry), {"p": p}, schedule_pad, f"{name}_pad")
         offset = ctx.emit_te(lambda w: padding_offset(w, geometry), wt, name=f"{name}_offset")
     batch, channels = relax_shape(x4)[0], _static(relax_shape(wt)[3], "output channels", node)
     batch = int(batch) if hasattr(batch, "value") else batch  # symbolic when the batch is dynamic
@@ -294,7 +280,7 @@ def _emit_popcount_conv(ctx: RuleContext, node: torch.fx.Node, x4, wt, geometry:
         return popcount_gemm(p, wt, offset, scale, bias, geometry, dtype)[1]
 
     inputs = {"p": p, "wt": wt, "offset": offset, "scale": scale, "bias": bias}
-    return _emit_scheduled(ctx, compute, inputs, lambda f: schedule_popcount_gemm(f, row_axis, rows, channels),
+    return ctx.emit_scheduled(compute, inputs, lambda f: schedule_popcount_gemm(f, row_axis, rows, channels),
                            f"{name}_gemm")
 
 

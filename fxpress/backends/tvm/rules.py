@@ -96,6 +96,21 @@ class RuleContext:
         """Emit a TE compute (which may use TIR intrinsics such as popcount) as a call_tir."""
         return self.bb.emit_te(compute, *args, primfunc_name_hint=name)
 
+    def emit_scheduled(self, compute: Callable, inputs: dict[str, Any], schedule: Callable, name: str) -> Any:
+        """call_tir of ``compute(**placeholders)`` (None inputs stay None) built as a PrimFunc, scheduled
+        by ``schedule(func) -> func`` and marked scheduled and opaque: no rule reschedules it and fusion
+        leaves it whole."""
+        from tvm import relax, te
+
+        holders = {key: te.placeholder(relax_shape(value), str(value.ty.dtype), key) if value is not None else None
+                   for key, value in inputs.items()}
+        out = compute(**holders)
+        func = te.create_prim_func([h for h in holders.values() if h is not None] + [out], "int64")
+        func = schedule(func).without_attr("global_symbol")
+        gv = self.bb.add_func(func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE), name)
+        args = [value for value in inputs.values() if value is not None]
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(list(out.shape), out.dtype)))
+
 
 def custom_convert_map(nodes: list[torch.fx.Node]) -> dict[str, Callable]:
     """TVM importer entries (keyed by ``target.__name__``) for the nodes that have rules."""

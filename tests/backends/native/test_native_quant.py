@@ -210,18 +210,20 @@ def test_corrupted_manifest_or_plane_gets_one_clear_error(llama_int4, tmp_path):
         fxpress.load(folder)
 
 
-def test_quantizing_passes_are_accepted_for_native_and_refused_elsewhere(tmp_path, monkeypatch):
+def test_quantizing_passes_are_accepted_for_native_and_tvm_cpus_and_refused_elsewhere(tmp_path, monkeypatch):
     monkeypatch.setenv("FXPRESS_CACHE", str(tmp_path))
     table = target_table()  # the CLI's cached table, keyed by the sources: computed here from these ones
     assert table["key"] == source_key()
-    check_pipeline_target("quantize{bits=4},diff-quant{steps=1},quantized-distill", "native")
-    with pytest.raises(PipelineError, match="'llvm' cannot lower; targets that can: native"):
-        check_pipeline_target("quantize{bits=4}", "llvm")
+    for target in ("native", "llvm", "aarch64"):  # llvm and aarch64: backends/tvm/quant_rules.py
+        check_pipeline_target("quantize{bits=4},diff-quant{steps=1},quantized-distill", target)
+    with pytest.raises(PipelineError, match="'onnx' cannot lower; targets that can: llvm, aarch64, native"):
+        check_pipeline_target("quantize{bits=4}", "onnx")
     for name in ("quantize", "quantized-distill", "diff-quant"):
         check_target([registered_passes()[name]], "native")
-        assert "native" not in table["refusals"].get(name, {})
-        for target in ("llvm", "onnx"):
+        assert not {"native", "llvm", "aarch64"} & set(table["refusals"].get(name, {}))
+        for target in ("c", "onnx"):
             with pytest.raises(PipelineError, match=f"pass '{name}' inserts fxpress.quantized_linear, which target "
-                                                    f"'{target}' cannot lower; targets that can: native"):
+                                                    f"'{target}' cannot lower; targets that can: llvm, aarch64, "
+                                                    "native"):
                 check_target(parse_pipeline(name if name != "diff-quant" else "diff-quant{steps=1}"), target)
             assert target in table["refusals"][name]
