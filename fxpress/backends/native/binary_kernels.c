@@ -33,6 +33,10 @@
 #include <immintrin.h>
 #define FXP_AVX2_POPCNT 1
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define FXP_NEON_POPCNT 1
+#endif
 
 #define FXP_EXPORT __attribute__((visibility("default")))
 
@@ -165,7 +169,8 @@ FXP_EXPORT int fxp_im2col_transposed(const float *x, const conv_shape *s, int64_
 /* ---- dense XNOR-popcount GEMM: out[i][j] = K - 2 popcount(a_i ^ b_j) over W words --------
  * One micro-tile per path (MR rows of a against NR rows of b); the paths give the same
  * integers.  Levels: 0 = scalar popcnt, 1 = AVX-512 VPOPCNTDQ, 2 = AVX2 (vpshufb nibble
- * lookup).  fxp_xnor_gemm runs the best one compiled in; fxp_xnor_gemm_at a chosen one. */
+ * lookup), 3 = NEON (vcnt, aarch64 only).  fxp_xnor_gemm runs the best one compiled in;
+ * fxp_xnor_gemm_at a chosen one. */
 #define MR 2
 #define NR 4
 
@@ -299,6 +304,64 @@ static void micro_tile_avx2(const uint64_t *a, const uint64_t *b, int64_t w, int
 }
 #endif
 
+#ifdef FXP_NEON_POPCNT
+/* Vectors of 2 words whose byte counts (vcnt: every byte <= 8) are summed in bytes before
+ * widening: 31 * 8 = 248 <= 255. */
+#define NEON_BLOCK 31
+
+/* The NEON tile; inlined with constant mr, nr for full tiles.  8 byte accumulators + 8 wide
+ * totals + 2 a-vectors + 1 b-vector + temporaries fit the 32 q registers.  A last odd word
+ * is counted with scalar popcount; rows i >= mr of a and j >= nr of b are never read. */
+static inline __attribute__((always_inline)) void neon_tile_body(const uint64_t *a, const uint64_t *b, int64_t w,
+                                                                 int64_t mr, int64_t nr, int64_t k, int32_t *out,
+                                                                 int64_t ldo) {
+    const int64_t wv = w & ~(int64_t)1;
+    const uint8x16_t zero = vdupq_n_u8(0);
+    uint64x2_t total[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j)
+            total[i][j] = vdupq_n_u64(0);
+    for (int64_t q0 = 0; q0 < wv; q0 += 2 * NEON_BLOCK) {
+        const int64_t q1 = (wv - q0) < 2 * NEON_BLOCK ? wv : q0 + 2 * NEON_BLOCK;
+        uint8x16_t bytes[MR][NR];
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j)
+                bytes[i][j] = zero;
+        for (int64_t q = q0; q < q1; q += 2) {
+            uint8x16_t av[MR];
+            for (int i = 0; i < MR; ++i)
+                av[i] = i < mr ? vreinterpretq_u8_u64(vld1q_u64(a + i * w + q)) : zero;
+            for (int j = 0; j < NR && j < nr; ++j) {
+                const uint8x16_t bv = vreinterpretq_u8_u64(vld1q_u64(b + j * w + q));
+                for (int i = 0; i < MR; ++i)
+                    bytes[i][j] = vaddq_u8(bytes[i][j], vcntq_u8(veorq_u8(av[i], bv)));
+            }
+        }
+        /* bytes -> 8 u16 -> 4 u32 -> accumulated into 2 u64 lanes (pairwise widening adds) */
+        for (int i = 0; i < MR; ++i)
+            for (int j = 0; j < NR; ++j)
+                total[i][j] = vpadalq_u32(total[i][j], vpaddlq_u16(vpaddlq_u8(bytes[i][j])));
+    }
+    for (int64_t i = 0; i < mr; ++i)
+        for (int64_t j = 0; j < nr; ++j) {
+            uint64_t count = vaddvq_u64(total[i][j]);
+            for (int64_t q = wv; q < w; ++q)
+                count += (uint64_t)__builtin_popcountll(a[i * w + q] ^ b[j * w + q]);
+            out[i * ldo + j] = (int32_t)(k - 2 * (int64_t)count);
+        }
+}
+
+/* No short-row cut-over to the scalar tile as on AVX2: aarch64 has no scalar popcount
+ * instruction before CSSC, so __builtin_popcountll is itself a vcnt of one word. */
+static void micro_tile_neon(const uint64_t *a, const uint64_t *b, int64_t w, int64_t mr, int64_t nr,
+                            int64_t k, int32_t *out, int64_t ldo) {
+    if (mr == MR && nr == NR)
+        neon_tile_body(a, b, w, MR, NR, k, out, ldo);
+    else
+        neon_tile_body(a, b, w, mr, nr, k, out, ldo);
+}
+#endif
+
 /* The micro-tile of a level, NULL if this build does not have it. */
 static tile_fn tile_for(int level) {
     switch (level) {
@@ -312,17 +375,23 @@ static tile_fn tile_for(int level) {
     case 2:
         return micro_tile_avx2;
 #endif
+#ifdef FXP_NEON_POPCNT
+    case 3:
+        return micro_tile_neon;
+#endif
     default:
         return NULL;
     }
 }
 
-/* Which popcount path fxp_xnor_gemm takes: 1 = AVX-512 VPOPCNTDQ, 2 = AVX2, 0 = scalar. */
+/* Which popcount path fxp_xnor_gemm takes: 1 = AVX-512 VPOPCNTDQ, 2 = AVX2, 3 = NEON, 0 = scalar. */
 FXP_EXPORT int fxp_simd_level(void) {
 #if defined(FXP_AVX512_POPCNT)
     return 1;
 #elif defined(FXP_AVX2_POPCNT)
     return 2;
+#elif defined(FXP_NEON_POPCNT)
+    return 3;
 #else
     return 0;
 #endif

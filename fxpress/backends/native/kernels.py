@@ -51,7 +51,7 @@ _SIGNATURES = {
 }
 _INT_RESULT = ("fxp_simd_level", "fxp_has_simd_level", "fxp_xnor_gemm_at", "fxp_im2col_transposed")
 # The XNOR GEMM's popcount paths, as `fxp_simd_level` numbers them.
-LEVELS = {"scalar": 0, "avx512-vpopcntdq": 1, "avx2": 2}
+LEVELS = {"scalar": 0, "avx512-vpopcntdq": 1, "avx2": 2, "neon": 3}
 ROWS = 64  # the MST kernel's row tile: activations are padded to a multiple of it
 
 
@@ -67,7 +67,7 @@ def library() -> ctypes.CDLL:
 
 
 def simd_level() -> str:
-    """Which popcount path `xnor_gemm` takes by default: 'avx512-vpopcntdq', 'avx2' or 'scalar'."""
+    """Which popcount path `xnor_gemm` takes by default: 'avx512-vpopcntdq', 'avx2', 'neon' (aarch64) or 'scalar'."""
     level = library().fxp_simd_level()
     return next(name for name, value in LEVELS.items() if value == level)
 
