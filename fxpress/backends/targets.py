@@ -48,7 +48,8 @@ def aarch64_target() -> dict:
 
 
 def cuda_target() -> dict:
-    return {"kind": "cuda", "arch": "sm_80", "host": {"kind": "llvm"}}
+    """sm_80 unless ``FXPRESS_CUDA_ARCH`` names the GPU's (e.g. sm_90; scripts/gpu_check.sh sets it)."""
+    return {"kind": "cuda", "arch": os.environ.get("FXPRESS_CUDA_ARCH", "sm_80"), "host": {"kind": "llvm"}}
 
 
 def c_target() -> dict:
