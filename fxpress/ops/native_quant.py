@@ -52,6 +52,7 @@ def library() -> ctypes.CDLL:
     return load_kernels(SOURCE, {
         "fxp_int4_linear": ([_P, _I, _I, _P, _P, _P, _P, _I, _I, _C, _C, _P], _C),
         "fxp_int8_linear": ([_P, _I, _I, _P, _P, _P, _I, _C, _P], _C),
+        "fxp_int8_linear_bound": ([_P, _P, _I, _P], _C),
         "fxp_codebook_linear": ([_P, _I, _I, _P, _P, _P, _P, _P, _I, _I, _C, _P], _C),
         "fxp_quant_simd_level": ([], _C)})
 
@@ -129,9 +130,16 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 
 
 # ---- kernels ----------------------------------------------------------------------------------------
+_TENSOR, _F32, _EMPTY = torch.Tensor, torch.float32, torch.empty
+
+
 class _Bound:
     """A kernel with its weight planes checked and their pointers taken once (what a compiled graph holds);
-    calling it checks only x.  The planes are kept referenced and must not be resized."""
+    calling it checks only x.  The planes are kept referenced and must not be resized.
+
+    A call is Python overhead on top of the kernel, which at decode (one row of x, a small weight) is
+    most of the time, so the common case (a contiguous float32 CPU matrix) takes a short path: a few
+    attribute checks, the output allocation and one ctypes call; anything else goes through `_rows`."""
 
     op = ""
 
@@ -139,10 +147,23 @@ class _Bound:
         self.n, self.k, self._planes, self._args = n, k, planes, args
         self._function = getattr(library(), function)
 
+    def _run(self, x_ptr: int, m: int, out_ptr: int) -> int:
+        return self._function(x_ptr, m, self.k, *self._args, out_ptr)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.__class__ is _TENSOR and x.dtype is _F32 and x.is_cpu and x.is_contiguous():
+            shape = x.shape
+            if len(shape) == 2 and shape[1] == self.k:
+                m = shape[0]
+                out = _EMPTY(m, self.n)  # the default dtype is float32 unless someone changed it
+                if out.dtype is not _F32:
+                    out = _EMPTY(m, self.n, dtype=_F32)
+                if self._run(x.data_ptr(), m, out.data_ptr()) != 0:
+                    raise MemoryError(f"{self.op}: out of memory for scratch space")
+                return out
         rows = _rows(self.op, x, self.k)
         out = torch.empty(rows.shape[0], self.n, dtype=torch.float32)
-        if self._function(rows.data_ptr(), rows.shape[0], self.k, *self._args, out.data_ptr()) != 0:
+        if self._run(rows.data_ptr(), rows.shape[0], out.data_ptr()) != 0:
             raise MemoryError(f"{self.op}: out of memory for scratch space")
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.n)
 
@@ -177,6 +198,17 @@ class Int8Linear(_Bound):
             _check(self.op, "bias", bias, torch.float32, (n,))
         self._bind(n, k, (wq, wscale, bias), "fxp_int8_linear",
                    (wq.data_ptr(), wscale.data_ptr(), _ptr(bias), n, _level(self.op, level)))
+        # the same arguments in one struct, so a call passes 4 (ctypes converts each argument every call),
+        # and `_run` a C-level partial (no Python frame) that shadows the method
+        self._bound = _Int8Bound(wq.data_ptr(), wscale.data_ptr(), _ptr(bias), n, k, _level(self.op, level), 0)
+        self._run = functools.partial(library().fxp_int8_linear_bound, ctypes.addressof(self._bound))
+
+
+class _Int8Bound(ctypes.Structure):
+    """`fxp_int8_bound` in quant_kernels.c."""
+
+    _fields_ = [("wq", _P), ("scales", _P), ("bias", _P), ("n", _I), ("k", _I), ("level", ctypes.c_int32),
+                ("reserved", ctypes.c_int32)]
 
 
 class CodebookLinear(_Bound):

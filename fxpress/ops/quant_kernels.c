@@ -26,8 +26,11 @@
  * with one shift and two ANDs; groups of 32 come two per 64-block.  Each group's lanes are reduced 8
  * groups at a time (vphaddd) into one vector and folded with the row's contiguous scales and zeros;
  * vpmaddubsw results are summed in int16 for at most 256 values (each lane gains at most
- * 2 * 15 * 127 = 3810 per 32 values, 30480 per 256).  int8 with one activation row: 8 weight rows at a
- * time, so the 8 dots end as one vector.
+ * 2 * 15 * 127 = 3810 per 32 values, 30480 per 256).  int8: the activation rows past the last tile of 4
+ * (all of them at decode, M = 1) each run a GEMV over the whole weight, 4 weight rows at a time, one
+ * from each quarter of it, so the weight is read as 4 sequential streams (see INT8_KERNELS); at decode
+ * the weight is read once per call, from L2, L3 or DRAM, so that read is the time.  x is quantized on
+ * the stack when it is small.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -60,7 +63,9 @@ EXPORT int fxp_quant_simd_level(void) {
 }
 
 static int resolve(int level) {
-    const int best = fxp_quant_simd_level();
+    static int cached = -1; /* cpuid once per process (a benign race: every thread stores the same value) */
+    if (cached < 0) cached = fxp_quant_simd_level();
+    const int best = cached;
     return (level == FXP_QUANT_BEST || level > best) ? best : level;
 }
 
@@ -556,9 +561,27 @@ static void int8_scalar(const int8_weight *w, const acts *a, int64_t r0, int row
 }
 
 #ifdef FXP_X86
+/* Lane j of the result is the sum of the 8 lanes of v[j], j < 4. */
+TARGET_AVX2 INLINE __m128i sum_lanes4(const __m256i *v) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 /* |w| as unsigned bytes (128 for -128) times x * sign(w) (|x| <= 127): each vpmaddubsw pair is at most
- * 2 * 128 * 127 = 32512, so nothing saturates and -128 weights are exact. */
-#define INT8_ROWS(SUFFIX, TARGET, MAC)                                                                    \
+ * 2 * 128 * 127 = 32512, so nothing saturates and -128 weights are exact.
+ *
+ * Tiles of MT activation rows (batches): 2 activation rows by 4 weight rows at a time (8 accumulators,
+ * each |w| used twice, the 8 dots reduced as one vector); the weight rows past the last 4 one at a time.
+ * One activation row (decode, where the weight streams from L3 or DRAM and is read once): a GEMV over
+ * 4 weight rows at a time (one from each quarter of the weight, see int8_*_gemv), 64 values a step; the
+ * 4 dots end as one 128-bit vector, so the scales and bias are vector operations. */
+
+/* How far ahead of its loads each weight row of the GEMV is prefetched (prefetches never fault, so the
+ * bytes past the end of the weight are harmless), and from what weight size on: smaller ones stay in
+ * L2 / L3 between calls, where the hardware prefetchers keep up and the prefetches cost ~8% here. */
+#define INT8_PREFETCH 512
+#define INT8_PREFETCH_MIN ((int64_t)4 << 20)
+#define INT8_KERNELS(SUFFIX, TARGET, MAC)                                                                 \
     TARGET INLINE void int8_##SUFFIX##_rows(const int8_weight *w, const acts *a, int64_t r0,              \
                                             const int rows, int64_t n, float *y) {                        \
         const int8_t *wrow = w->wq + n * w->k;                                                            \
@@ -579,69 +602,163 @@ static void int8_scalar(const int8_weight *w, const acts *a, int64_t r0, int row
             y[(r0 + r) * w->n + n] = w->scales[n] * a->sx[r0 + r] * (float)dot + b;                       \
         }                                                                                                 \
     }                                                                                                     \
-    /* One activation row against 8 weight rows: the 8 dot products end as one vector (a lane per weight     \
-     * row), so the scales, bias and stores are vector operations. */                                     \
-    TARGET INLINE void int8_##SUFFIX##_8n(const int8_weight *w, const acts *a, int64_t r, int64_t n, float *y) { \
-        const int8_t *xq = a->q + r * w->k;                                                               \
-        const int64_t body = w->k / 32 * 32;                                                              \
+    /* 2 activation rows (r, r + 1) by 4 weight rows (n .. n + 3): 8 accumulators, each |w| used twice; the   \
+     * 8 dots end as one vector, a 128-bit half per activation row. */                                    \
+    TARGET INLINE void int8_##SUFFIX##_2x4(const int8_weight *w, const acts *a, int64_t r, int64_t n, float *y) { \
+        const int64_t k = w->k, body = k / 32 * 32;                                                       \
+        const int8_t *w0 = w->wq + n * k, *x0 = a->q + r * k, *x1 = x0 + k;                               \
         __m256i acc[8];                                                                                   \
         for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();                                      \
         for (int64_t kb = 0; kb < body; kb += 32) {                                                       \
-            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + kb));                            \
-            for (int j = 0; j < 8; j++) {                                                                 \
-                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w->wq + (n + j) * w->k + kb));    \
-                acc[j] = MAC(acc[j], _mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));                      \
+            const __m256i xa = _mm256_loadu_si256((const __m256i *)(x0 + kb));                            \
+            const __m256i xb = _mm256_loadu_si256((const __m256i *)(x1 + kb));                            \
+            for (int j = 0; j < 4; j++) {                                                                 \
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(w0 + j * k + kb));                \
+                const __m256i wa = _mm256_abs_epi8(wv);                                                   \
+                acc[j] = MAC(acc[j], wa, _mm256_sign_epi8(xa, wv));                                       \
+                acc[4 + j] = MAC(acc[4 + j], wa, _mm256_sign_epi8(xb, wv));                               \
             }                                                                                             \
         }                                                                                                 \
         __m256i d = sum_lanes8(acc);                                                                      \
-        if (body < w->k) {                                                                                \
+        if (body < k) {                                                                                   \
             int32_t rest[8];                                                                              \
-            for (int j = 0; j < 8; j++) rest[j] = int8_tail(w->wq + (n + j) * w->k, xq, body, w->k);      \
+            for (int j = 0; j < 4; j++) {                                                                 \
+                rest[j] = int8_tail(w0 + j * k, x0, body, k);                                             \
+                rest[4 + j] = int8_tail(w0 + j * k, x1, body, k);                                         \
+            }                                                                                             \
             d = _mm256_add_epi32(d, _mm256_loadu_si256((const __m256i *)rest));                           \
         }                                                                                                 \
-        __m256 out = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(w->scales + n), _mm256_set1_ps(a->sx[r])), \
-                                   _mm256_cvtepi32_ps(d));                                                \
-        if (w->bias) out = _mm256_add_ps(out, _mm256_loadu_ps(w->bias + n));                              \
-        _mm256_storeu_ps(y + r * w->n + n, out);                                                          \
+        const __m256 scales = _mm256_broadcast_ps((const __m128 *)(w->scales + n));                       \
+        const __m256 sx = _mm256_setr_m128(_mm_set1_ps(a->sx[r]), _mm_set1_ps(a->sx[r + 1]));            \
+        __m256 out = _mm256_mul_ps(_mm256_mul_ps(scales, sx), _mm256_cvtepi32_ps(d));                     \
+        if (w->bias) out = _mm256_add_ps(out, _mm256_broadcast_ps((const __m128 *)(w->bias + n)));        \
+        _mm_storeu_ps(y + r * w->n + n, _mm256_castps256_ps128(out));                                     \
+        _mm_storeu_ps(y + (r + 1) * w->n + n, _mm256_extractf128_ps(out, 1));                             \
     }                                                                                                     \
     TARGET static void int8_##SUFFIX(const int8_weight *w, const acts *a, int64_t r0, int rows, int64_t n0, \
                                      int64_t n1, float *y) {                                              \
-        if (rows == MT) {                                                                                 \
-            for (int64_t n = n0; n < n1; n++) int8_##SUFFIX##_rows(w, a, r0, MT, n, y);                   \
-            return;                                                                                       \
+        int64_t n = n0;                                                                                   \
+        if (rows == MT)                                                                                   \
+            for (; n + 4 <= n1; n += 4)                                                                   \
+                for (int r = 0; r < MT; r += 2) int8_##SUFFIX##_2x4(w, a, r0 + r, n, y);                  \
+        for (; n < n1; n++) int8_##SUFFIX##_rows(w, a, r0, rows, n, y);                                   \
+    }                                                                                                     \
+    /* The dots of `count` (1 or 4) weight rows, row j at w0 + j * stride, with xq (k values), as the      \
+     * first lanes; with `prefetch` each row is prefetched INT8_PREFETCH bytes ahead of its loads. */       \
+    TARGET INLINE __m128i int8_##SUFFIX##_dots(const int8_t *w0, const int64_t stride, const int8_t *xq,  \
+                                               const int64_t k, const int count, const int prefetch) {    \
+        const int64_t k64 = k / 64 * 64, body = k / 32 * 32;                                              \
+        __m256i acc[4];                                                                                   \
+        for (int j = 0; j < count; j++) acc[j] = _mm256_setzero_si256();                                  \
+        for (int64_t kb = 0; kb < k64; kb += 64) {                                                        \
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + kb));                            \
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + kb + 32));                       \
+            for (int j = 0; j < count; j++) {                                                             \
+                const int8_t *p = w0 + j * stride + kb;                                                   \
+                if (prefetch) _mm_prefetch((const char *)((uintptr_t)p + INT8_PREFETCH), _MM_HINT_T0);    \
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)p);                                \
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 32));                         \
+                acc[j] = MAC(MAC(acc[j], _mm256_abs_epi8(v0), _mm256_sign_epi8(x0, v0)),                  \
+                             _mm256_abs_epi8(v1), _mm256_sign_epi8(x1, v1));                              \
+            }                                                                                             \
         }                                                                                                 \
-        for (int r = 0; r < rows; r++) {                                                                  \
-            int64_t n = n0;                                                                               \
-            for (; n + 8 <= n1; n += 8) int8_##SUFFIX##_8n(w, a, r0 + r, n, y);                           \
-            for (; n < n1; n++) int8_##SUFFIX##_rows(w, a, r0 + r, 1, n, y);                              \
+        if (body > k64) {                                                                                 \
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + k64));                           \
+            for (int j = 0; j < count; j++) {                                                             \
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + j * stride + k64));          \
+                acc[j] = MAC(acc[j], _mm256_abs_epi8(v0), _mm256_sign_epi8(x0, v0));                      \
+            }                                                                                             \
+        }                                                                                                 \
+        int32_t rest[4] = {0, 0, 0, 0};                                                                   \
+        if (body < k)                                                                                     \
+            for (int j = 0; j < count; j++) rest[j] = int8_tail(w0 + j * stride, xq, body, k);            \
+        if (count == 1) return _mm_cvtsi32_si128(hsum8i(acc[0]) + rest[0]);                               \
+        return _mm_add_epi32(sum_lanes4(acc), _mm_loadu_si128((const __m128i *)rest));                    \
+    }                                                                                                     \
+    /* y (n) = (scales sx) (wq xq) + bias for one activation row.  The weight is read once, and from L3 or   \
+     * DRAM when it is large, so the order of the loads is what counts: the rows are split into 4 quarters  \
+     * and row i of each quarter is summed at once, 4 long sequential streams that the hardware           \
+     * prefetchers follow (a single stream, or 4 neighbouring rows at a time, reads DRAM ~1.5x slower     \
+     * here); the N % 4 last rows go one by one.  Software prefetches help only a weight that comes from    \
+     * DRAM (one past INT8_PREFETCH_MIN bytes) and cost a cached one time. */                             \
+    TARGET static void int8_##SUFFIX##_gemv(const int8_weight *w, const int8_t *xq, float sx, float *y) {  \
+        const int64_t k = w->k, q = w->n / 4;                                                             \
+        const int prefetch = w->n * k >= INT8_PREFETCH_MIN;                                               \
+        const __m128 vsx = _mm_set1_ps(sx);                                                               \
+        for (int64_t i = 0; i < q; i++) {                                                                 \
+            const __m128i d = prefetch ? int8_##SUFFIX##_dots(w->wq + i * k, q * k, xq, k, 4, 1)          \
+                                       : int8_##SUFFIX##_dots(w->wq + i * k, q * k, xq, k, 4, 0);         \
+            const float *s = w->scales + i;                                                               \
+            const __m128 scales = _mm_setr_ps(s[0], s[q], s[2 * q], s[3 * q]);                            \
+            __m128 out = _mm_mul_ps(_mm_mul_ps(scales, vsx), _mm_cvtepi32_ps(d));                         \
+            if (w->bias) {                                                                                \
+                const float *b = w->bias + i;                                                             \
+                out = _mm_add_ps(out, _mm_setr_ps(b[0], b[q], b[2 * q], b[3 * q]));                       \
+            }                                                                                             \
+            float o[4];                                                                                   \
+            _mm_storeu_ps(o, out);                                                                        \
+            y[i] = o[0], y[i + q] = o[1], y[i + 2 * q] = o[2], y[i + 3 * q] = o[3];                       \
+        }                                                                                                 \
+        for (int64_t n = 4 * q; n < w->n; n++) {                                                          \
+            const int32_t dot = _mm_cvtsi128_si32(int8_##SUFFIX##_dots(w->wq + n * k, 0, xq, k, 1, 0));   \
+            y[n] = w->scales[n] * sx * (float)dot + (w->bias ? w->bias[n] : 0.0f);                        \
         }                                                                                                 \
     }
 #define MAC_AVX2(acc, wa, xs) \
     _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xs), _mm256_set1_epi16(1)))
 #define MAC_VNNI(acc, wa, xs) _mm256_dpbusd_epi32(acc, wa, xs)
-INT8_ROWS(avx2, TARGET_AVX2, MAC_AVX2)
-INT8_ROWS(vnni, TARGET_VNNI, MAC_VNNI)
+INT8_KERNELS(avx2, TARGET_AVX2, MAC_AVX2)
+INT8_KERNELS(vnni, TARGET_VNNI, MAC_VNNI)
 #endif
 
 typedef void (*int8_kernel)(const int8_weight *, const acts *, int64_t, int, int64_t, int64_t, float *);
+
+/* Activations of up to this many bytes (m * k, decode) are quantized into a buffer on the stack. */
+#define INT8_STACK 16384
+
+static int int8_run(const int8_weight *w, const float *x, int64_t m, int level, float *y) {
+    _Alignas(64) int8_t stack_q[INT8_STACK];
+    float stack_sx[MT];
+    int32_t stack_qsum[MT];
+    acts a = {stack_q, stack_sx, stack_qsum, 1};
+    const int on_stack = m <= MT && m * w->k <= INT8_STACK;
+    if (!on_stack && alloc_acts(&a, m, w->k, w->k)) return -1;
+    level = resolve(level);
+    quantize(x, m, w->k, w->k, LAYOUT_NATURAL, level, &a);
+    int8_kernel kernel = int8_scalar;
+    const int64_t tiled = level == FXP_QUANT_SCALAR ? m : m / MT * MT; /* the rest: one GEMV per row */
+#ifdef FXP_X86
+    void (*gemv)(const int8_weight *, const int8_t *, float, float *) = NULL;
+    if (level == FXP_QUANT_VNNI) kernel = int8_vnni, gemv = int8_vnni_gemv;
+    else if (level == FXP_QUANT_AVX2) kernel = int8_avx2, gemv = int8_avx2_gemv;
+    for (int64_t r = tiled; r < m; r++) gemv(w, a.q + r * w->k, a.sx[r], y + r * w->n);
+#endif
+    TILED(kernel, w, &a, tiled, w->n, y);
+    if (!on_stack) free(a.q);
+    return 0;
+}
 
 /* x (m, k), wq int8 (n, k), scales (n), bias (n) or NULL, y (m, n); activations per row.
  * Returns 0, or -1 if scratch memory could not be allocated. */
 EXPORT int fxp_int8_linear(const float *x, int64_t m, int64_t k, const int8_t *wq, const float *scales,
                            const float *bias, int64_t n, int level, float *y) {
     const int8_weight w = {wq, scales, bias, n, k};
-    acts a;
-    if (alloc_acts(&a, m, k, k)) return -1;
-    level = resolve(level);
-    quantize(x, m, k, k, LAYOUT_NATURAL, level, &a);
-    int8_kernel kernel = int8_scalar;
-#ifdef FXP_X86
-    if (level == FXP_QUANT_VNNI) kernel = int8_vnni;
-    else if (level == FXP_QUANT_AVX2) kernel = int8_avx2;
-#endif
-    TILED(kernel, &w, &a, m, n, y);
-    free(a.q);
-    return 0;
+    return int8_run(&w, x, m, level, y);
+}
+
+/* A weight bound once (what Int8Linear holds): fxp_int8_linear with 4 arguments a call, for the
+ * Python call overhead that decode pays on every linear.  native_quant.py mirrors this struct. */
+typedef struct {
+    const int8_t *wq;
+    const float *scales;
+    const float *bias;
+    int64_t n, k;
+    int32_t level, reserved;
+} fxp_int8_bound;
+
+EXPORT int fxp_int8_linear_bound(const fxp_int8_bound *b, const float *x, int64_t m, float *y) {
+    const int8_weight w = {b->wq, b->scales, b->bias, b->n, b->k};
+    return int8_run(&w, x, m, b->level, y);
 }
 
 /* ---- codebook dequant + float GEMV ------------------------------------------------------------- */

@@ -89,7 +89,11 @@ def test_rtn_packing_layout_and_rounding(zero_kind):
 
 
 # ---- int8 x int8 -------------------------------------------------------------------------------------
-INT8_SHAPES = [(1, 13, 96), (7, 37, 100), (3, 9, 33), (1, 5, 1000), (5, 4, 7)]
+# One row of x (decode) takes the GEMV path: 4 weight rows at a time plus 1-3 leftover rows, K in steps of 64
+# with a trailing 32-block and K % 32 values one by one; other rows go in tiles of 4 and the leftover rows of
+# x take the GEMV.  N = 3 has no 4-row tile, N = 13 ends in one, N = 64 prefetches a next tile on every tile.
+INT8_SHAPES = [(1, 13, 96), (7, 37, 100), (3, 9, 33), (1, 5, 1000), (5, 4, 7), (1, 64, 576), (1, 3, 64),
+               (2, 17, 160), (9, 8, 31)]
 
 
 @pytest.mark.parametrize("level", PATHS)
@@ -105,10 +109,41 @@ def test_int8_paths_equal_the_integer_reference(level, m, n, k):
 
 
 @pytest.mark.parametrize("level", ["scalar", "avx2"])
-def test_int8_extremes_are_exact(level):
-    wq = torch.tensor([[-128] * 64, [127] * 64], dtype=torch.int8)
-    got = nq.int8_linear(-torch.ones(1, 64), wq, torch.ones(2), None, level)
-    torch.testing.assert_close(got, torch.tensor([[128.0 * 64, -127.0 * 64]]), rtol=1e-6, atol=0)
+@pytest.mark.parametrize("m", [1, 4, 5])
+def test_int8_extremes_are_exact(level, m):
+    """-128 against negative activations (the GEMV and the row tiles; 4 + 1 weight rows, K = 64 + 32 + 3)."""
+    k = 99
+    wq = torch.tensor([[-128] * k, [127] * k, [-128] * k, [-127] * k, [-128] * k], dtype=torch.int8)
+    got = nq.int8_linear(-torch.ones(m, k), wq, torch.ones(5), None, level)
+    row = torch.tensor([128.0, -127.0, 128.0, 127.0, 128.0]) * k
+    torch.testing.assert_close(got, row.expand(m, 5), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("level", PATHS)
+def test_int8_bound_layer_call_paths(level):
+    """Int8Linear's short path (a contiguous float32 matrix), batch dims, strided x, no rows, and the
+    unbound C entry point all give the reference."""
+    weight, x, bias = weight_and_input(21, 160, 6, seed=6)
+    wq, wscale = nq.pack_int8(weight)
+    wq[3, :50] = -128
+    layer = nq.Int8Linear(wq, wscale, bias, level)
+    expected = nq.reference_int8_linear(x, wq, wscale, bias)
+    assert_matches_reference(layer(x), expected)
+    assert_matches_reference(layer(x[:1]), expected[:1])
+    got = layer(x.view(2, 3, 160))
+    assert got.shape == (2, 3, 21)
+    assert torch.equal(got.reshape(6, 21), layer(x))
+    strided = torch.randn(160, 3).T  # (3, 160), not contiguous: copied, not refused
+    assert_matches_reference(layer(strided), nq.reference_int8_linear(strided.contiguous(), wq, wscale, bias))
+    assert layer(torch.empty(0, 160)).shape == (0, 21)
+    out = torch.empty(6, 21)
+    assert nq.library().fxp_int8_linear(x.data_ptr(), 6, 160, wq.data_ptr(), wscale.data_ptr(), bias.data_ptr(), 21,
+                                        nq.LEVELS[level], out.data_ptr()) == 0
+    assert torch.equal(out, layer(x))
+    with pytest.raises(LoweringError, match="`x`"):
+        layer(x.double())
+    with pytest.raises(LoweringError, match="`x`"):
+        layer(x[:, :96].contiguous())
 
 
 @pytest.mark.parametrize("m, n, k", INT8_SHAPES)
