@@ -29,7 +29,9 @@ The GEMV schedule is for CPUs (llvm, aarch64); the rules are registered for thos
 """
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 
 import torch.fx
@@ -58,8 +60,10 @@ class QuantLayout:
 
     @property
     def field(self) -> int:
-        """Bits of a code in the GEMV's byte: 2, 4 (3-bit codes too) or 8."""
-        return 4 if self.bits == 3 else self.bits
+        """Bits of a code in the GEMV's byte: 2, 4 (3-bit codes too) or 8 (also when a group would
+        end inside a byte)."""
+        natural = 4 if self.bits == 3 else self.bits
+        return natural if self.group % (8 // natural) == 0 else 8
 
     @property
     def per_byte(self) -> int:
@@ -170,19 +174,26 @@ def repack_affine(scales, zeros, layout: QuantLayout):
 
 def gemv_compute(x, qp, sp, op, codebook, bias, layout: QuantLayout):
     """y (1, P, NB) from x (1, Kp) and the repacked planes (see the module doc)."""
-    from tvm import te
+    from tvm import te, tirx
 
     nb, g, per_byte = layout.panel, layout.group, layout.per_byte
     mask = (1 << layout.field) - 1
     kk = te.reduce_axis((0, g), "kk")
     xs = te.compute((1, layout.groups), lambda m, gi: te.sum(x[m, gi * g + kk], axis=kk), name="xs")
 
-    def code(p, k, c):
-        return (qp[p, k // per_byte, c].astype("int32") >> (layout.field * (k % per_byte))) & mask
+    kb = te.reduce_axis((0, g // per_byte), "kb")
 
-    kp = te.reduce_axis((0, g), "kp")
+    def codes_of_byte(m, p, gi, c):
+        """x . level over the byte's codes: constant shifts, int32 (index arithmetic is int64, and an
+        int64 shift would make 64-bit vector lanes)."""
+        byte = qp[p, gi * (g // per_byte) + kb, c].astype("int32")
+        terms = [x[m, gi * g + kb * per_byte + j] * level((byte >> tirx.const(layout.field * j, "int32")) &
+                                                          tirx.const(mask, "int32"), codebook)
+                 for j in range(per_byte)]
+        return functools.reduce(operator.add, terms)
+
     part = te.compute((1, qp.shape[0], layout.groups, nb), lambda m, p, gi, c: te.sum(
-        x[m, gi * g + kp] * level(code(p, gi * g + kp, c), codebook), axis=kp), name="part")
+        codes_of_byte(m, p, gi, c), axis=kb), name="part")
     gr = te.reduce_axis((0, layout.groups), "gr")
     acc = te.compute((1, qp.shape[0], nb), lambda m, p, c: te.sum(
         sp[p, gr, c] * part[m, p, gr, c] + op[p, gr, c] * xs[m, gr], axis=gr), name="acc")
@@ -212,10 +223,8 @@ def schedule_gemv(func, layout: QuantLayout):
     sch.reorder(gr, c_acc)
     sch.set_scope(part, 0, "global")
     sch.compute_at(part, gr, preserve_unit_loops=True)
-    c_part, kp = sch.get_loops(part)[-2:]
-    kb, j = sch.split(kp, [None, layout.per_byte])
-    sch.reorder(kb, j, c_part)
-    sch.unroll(j)
+    c_part, kb = sch.get_loops(part)[-2:]
+    sch.reorder(kb, c_part)
     _vector_columns(sch, c_part, lanes)
     _vector_columns(sch, c_acc, lanes)
     for block, loop in ((part, kb), (acc, gr)):
