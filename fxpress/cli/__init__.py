@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=int, default=0,
                    help="MetaSchedule trials (target llvm; 0: default schedules)")
     p.add_argument("--tuning-dir", help="tuning database folder; later runs reuse it")
+    p.add_argument("--rpc", metavar="HOST:PORT",
+                   help="with --tune-trials: time the tuning candidates on the servers of this TVM RPC tracker "
+                        "(target llvm, or aarch64 on a board running 'python -m tvm.exec.rpc_server')")
+    p.add_argument("--rpc-key", metavar="NAME", help="with --rpc: the key the tracker's servers registered under")
     p.add_argument("--eval", metavar="SPEC",
                    help="report a metric before and after the pipeline: default (the model's own task "
                         "metric), text:FILE (perplexity of a causal LM on a UTF-8 text file), or a dataset: "
@@ -178,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("torch").setLevel(logging.ERROR)
 
         commands.set_threads(args.threads)
-        return getattr(commands, args.handler)(args)
+        commands.join_processes()  # under torchrun; a single process is left as it is
+        code = getattr(commands, args.handler)(args)
+        from fxpress.utils import distributed
+
+        distributed.close()
+        return code
     except FxpressError as err:
         _error(f"error: {err}")
         return 2

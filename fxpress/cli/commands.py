@@ -12,7 +12,7 @@ from rich.table import Table
 
 from fxpress.backends import available_targets
 from fxpress.cli import DEMO_MODEL, DEMO_PIPELINE  # noqa: F401 - the parser's defaults, kept importable here
-from fxpress.cli.render import RichProgress, compare_table, console, human, pass_table
+from fxpress.cli.render import RichProgress, compare_table, console, errors, human, pass_table
 from fxpress.errors import DataError, FxpressError
 from fxpress.ir import Graph, capture
 from fxpress.ir.numerics import compare_outputs
@@ -24,10 +24,11 @@ from fxpress.passes.infra.instruments import Instrument
 from fxpress.passes.infra.registry import format_type, format_value, pass_options
 from fxpress.eval import Source, calibration_batches, evaluate, parse_source
 from fxpress.eval.evaluate import check_evaluable, describe_data
-from fxpress.recipes.recipe import Calibration, Recipe
+from fxpress.recipes.recipe import Calibration, Export, Recipe
 from fxpress.recipes.run import run_passes
 from fxpress.report import RunRecorder, run_report
 from fxpress.zoo.specs import resolve_model
+from fxpress.utils import distributed
 from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import ZooModel
 
@@ -134,9 +135,10 @@ def run_pipeline(model: ZooModel, pipeline: str, args, recorder: Instrument | No
 
 def cmd_run(args) -> int:
     """Run a pipeline on MODEL and print the per-pass table (and, with --eval, the metric before and after)."""
-    from fxpress.cli.compile_cmds import check_dump_options
+    from fxpress.cli.compile_cmds import check_dump_options, check_rpc_options
 
     check_dump_options(args)
+    check_rpc_options(args)
     if getattr(args, "recipe", None):
         return run_recipe_file(args)
     eval_source = parse_source(args.eval) if args.eval else None  # a bad file or name fails before loading
@@ -146,8 +148,10 @@ def cmd_run(args) -> int:
         check_evaluable(model, eval_source)
     if count and calibration.kind != "default":
         check_evaluable(model, calibration, "calibration")
-    recorder = RunRecorder() if args.report else None
+    recorder = RunRecorder() if args.report and distributed.is_main() else None
     captured, compressed, reports = run_pipeline(model, args.pipeline, args, recorder)
+    if not distributed.is_main():  # under torchrun only rank 0 evaluates, compiles and writes
+        return 0
     if args.dump_dir:
         console.print(f"dumps in {args.dump_dir}", markup=False)
     metrics = print_metrics(model, captured, compressed, eval_source, args.eval_items) if eval_source else {}
@@ -159,7 +163,8 @@ def cmd_run(args) -> int:
 
         compiled = compile_and_save(compressed, args.target, args.out, console,
                                     tune_trials=args.tune_trials, tuning_dir=args.tuning_dir,
-                                    dump_ir=args.dump_tvm_ir)
+                                    dump_ir=args.dump_tvm_ir, rpc=getattr(args, "rpc", None),
+                                    rpc_key=getattr(args, "rpc_key", None))
     elif args.out:
         raise FxpressError("--out saves a compiled model: pass --target too (e.g. --target llvm)")
     if args.export_hf:
@@ -174,6 +179,8 @@ def cmd_run(args) -> int:
 def debug_instruments(args) -> list[Instrument]:
     """--dump-dir and --print-after as pass instruments."""
     instruments: list[Instrument] = []
+    if not distributed.is_main():  # under torchrun only rank 0 writes
+        return instruments
     if args.dump_dir:
         from fxpress.cli.compile_cmds import dump_instrument
 
@@ -191,9 +198,11 @@ def compress_recipe(args):
 
     recipe = load_recipe(args.recipe)
     check_model(recipe, args.model)
+    report = getattr(args, "report", None)
+    if not distributed.is_main():  # under torchrun only rank 0 evaluates, compiles and writes
+        recipe, report = dataclasses.replace(recipe, target="eager", eval=None, export=Export(), report=None), None
     model = _load(args.model, getattr(args, "task", None))
-    return compress(model, recipe, progress=RichProgress(), instruments=debug_instruments(args),
-                    report=getattr(args, "report", None))
+    return compress(model, recipe, progress=RichProgress(), instruments=debug_instruments(args), report=report)
 
 
 def run_recipe_file(args) -> int:
@@ -373,6 +382,13 @@ def _latency_inputs(model: ZooModel, batch: int) -> tuple:
     if model.task == "classification" and model.dynamic_dims.get(0, {}).get(0) == "batch":
         return tuple(x[:1].expand(batch, *x.shape[1:]).contiguous() for x in model.example_inputs)
     return tuple(model.example_inputs)
+
+
+def join_processes() -> None:
+    """Under `torchrun --nproc-per-node N`: join the process group; every rank but 0 runs the same
+    pipeline silently (passes split their calibration work and share results) and writes nothing."""
+    if distributed.init_from_env() and not distributed.is_main():
+        console.quiet = errors.quiet = True
 
 
 def set_threads(threads: int | None) -> None:

@@ -15,6 +15,9 @@ can shorten the sequence after training with a graceful loss.
               then a linear map to the 16 pixels of each patch
 
 `train_token_autoencoder` fits it with MSE, with or without the regularizer.
+Under torchrun (`fxpress.utils.distributed`) every process draws the same
+minibatches and tail-drop lengths, trains on its rows of each minibatch and
+sums the gradients: every process holds the model one process would train.
 """
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fxpress.utils import distributed
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +169,23 @@ def train_token_autoencoder(model: TokenAutoencoder, images: torch.Tensor, confi
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=steps, pct_start=0.05)
     start = time.perf_counter()
     model.train()
+    rank, processes = distributed.world()
     for epoch in range(config.epochs):
         running = 0.0
         for batch in torch.randperm(len(images), generator=generator).split(config.batch_size):
-            target = images[batch]
             keep = (random_keep(model.config.tokens, generator, config.min_keep, config.full_prob)
                     if config.tail_drop else None)
-            loss = F.mse_loss(model(target, keep), target)
+            mine = batch.tensor_split(processes)[rank]  # this process's rows of the minibatch
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = torch.zeros(())
+            if len(mine):
+                target = images[mine]  # the minibatch's mean: this share's mean weighted by its size
+                loss = F.mse_loss(model(target, keep), target) * (len(mine) / len(batch))
+                loss.backward()
+            distributed.sum_gradients(model.parameters())
             optimizer.step()
             schedule.step()
-            running += loss.item() * len(batch)
+            running += distributed.sum_floats([loss.item()])[0] * len(batch)
         log.info("epoch %d/%d mse %.5f (%.1f s)", epoch + 1, config.epochs, running / len(images),
                  time.perf_counter() - start)
     model.eval()

@@ -20,10 +20,20 @@ zero.  ``task_weight > 0`` adds the task loss (`PassContext.task_loss`: an
 encoder's contrastive retrieval loss on paired batches, next-token
 cross-entropy for LMs) to the distillation loss.  Trained tensors are fresh clones: the input graph and the
 user's model are never written.  AdamW, ``steps`` steps cycling through the
-batches, with a progress bar from ``ctx.progress``.
+batches, ``batch`` batches a step (the mean of their losses), with a progress
+bar from ``ctx.progress``.
+
+Across processes (torchrun, `fxpress.utils.distributed`) the ``batch`` batches
+of a step are split over the processes (``batch`` is global: the result does not
+depend on the number of processes).  The student trains as an FSDP2
+(``fully_shard``) copy: gradients are reduce-scattered, AdamW state is sharded,
+and the trained tensors are gathered back, so every process takes the same steps
+and holds the same student.  Give ``batch`` a multiple of the process count, or
+some processes run a batch with weight 0.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +47,9 @@ from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
 from fxpress.passes.infra.losses import looks_like_lm
+from fxpress.utils import distributed
+
+log = logging.getLogger(__name__)
 
 
 def output_kd(student: torch.Tensor, teacher: torch.Tensor, batch: tuple) -> torch.Tensor:
@@ -122,10 +135,12 @@ class Distill(Pass):
     hidden_weight: float = 1.0
     max_batches: int = 8
     task_weight: float = 0.0  # weight of the task loss (ctx.task_loss) added to the distillation loss
+    batch: int = 1  # calibration batches per step (split over the processes of a torchrun)
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1 or self.task_weight < 0:
-            raise self.bad_option("steps, tail and task_weight must be >= 0, lr > 0, max_batches >= 1")
+        if self.steps < 0 or self.tail < 0 or self.lr <= 0 or self.max_batches < 1 or self.task_weight < 0 \
+                or self.batch < 1:
+            raise self.bad_option("steps, tail and task_weight must be >= 0, lr > 0, max_batches and batch >= 1")
 
     def requires(self, graph: Graph, ctx: PassContext) -> None:
         ctx.require_teacher(self.name)
@@ -143,9 +158,14 @@ class Distill(Pass):
         student = graph.copy()
         paths = trainable_paths(student, stack)
         params = clone_for_training(student, paths)
-        masks = [(student.attribute(p), m) for p, m in student.masks.items() if p in paths]
-        targets = [teacher_targets(teacher, b, stack.prefix if stack else "", self.tail) for b in batches]
-        losses = self._train(student, stack, params, masks, batches, targets, ctx)
+        masks = {p: m for p, m in student.masks.items() if p in paths}
+        needed = {i for step in range(self.steps) for i in self._my_batches(step, len(batches))} | {0}
+        targets = {i: teacher_targets(teacher, batches[i], stack.prefix if stack else "", self.tail)
+                   for i in sorted(needed)}  # this process's batches, and batch 0 to pad a short share
+        if distributed.world()[1] > 1:
+            losses = self._train_sharded(student, stack, paths, masks, batches, targets, ctx)
+        else:
+            losses = self._train(student, stack, params, masks, batches, targets, ctx)
         window = max(1, min(len(batches), self.steps // 2))  # mean loss over a pass of the batches
         for param in params:
             param.grad = None
@@ -155,37 +175,94 @@ class Distill(Pass):
             "masked_params": len(masks),
             "loss_first": round(_mean(losses[:window]), 6), "loss_last": round(_mean(losses[-window:]), 6)})
 
-    def _loss(self, student: Graph, stack: BlockStack | None, batch: tuple, target: tuple,
-              ctx: PassContext) -> torch.Tensor:
+    def _loss(self, outputs: Any, batch: tuple, target: tuple, ctx: PassContext) -> torch.Tensor:
+        """The distillation loss of the student's `outputs` (see `student_outputs`) on `batch`."""
         teacher_out, teacher_hidden = target
-        if not teacher_hidden:
-            output = student.module(*batch)
-            loss = output_kd(output, teacher_out, batch)
-        else:
-            runner = BlockRunner(student, stack, record=True)
-            output = runner(*batch)
-            count = min(len(teacher_hidden), len(stack))
-            hidden = [runner.outputs[p] for p in range(len(stack))][-count:]
-            matched = sum(normalized_mse(*comparable(s, t)) for s, t in zip(hidden, teacher_hidden[-count:])) / count
-            loss = output_kd(output, teacher_out, batch) + self.hidden_weight * matched
+        output, hidden = outputs
+        loss = output_kd(output, teacher_out, batch)
+        if teacher_hidden:
+            count = min(len(teacher_hidden), len(hidden))
+            matched = sum(normalized_mse(*comparable(s, t)) for s, t in zip(hidden[-count:], teacher_hidden[-count:]))
+            loss = loss + self.hidden_weight * (matched / count)
         if self.task_weight:
             loss = loss + self.task_weight * ctx.task_loss(output, batch, teacher_out)
         return loss
 
-    def _train(self, student: Graph, stack: BlockStack | None, params: list, masks: list, batches: list,
-               targets: list, ctx: PassContext) -> list[float]:
+    def _my_batches(self, step: int, available: int) -> list[int]:
+        """Indices of the calibration batches this process trains on at `step` (its share of the step's)."""
+        return distributed.shard([(step * self.batch + i) % available for i in range(self.batch)])
+
+    def _train(self, student: Graph, stack: BlockStack | None, params: list, masks: dict, batches: list,
+               targets: dict, ctx: PassContext) -> list[float]:
+        """One process: AdamW on `params` with the mean gradient of each step's batches."""
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
+        masked = [(student.attribute(path), keep) for path, keep in masks.items()]
         losses = []
         for step in ctx.progress.track(range(self.steps), "distill", total=self.steps):
-            index = step % len(batches)
-            with torch.enable_grad():
-                loss = self._loss(student, stack, batches[index], targets[index], ctx)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)  # frozen tensors get no .grad
-            for param, grad in zip(params, grads):
-                param.grad = grad
+            for param in params:
+                param.grad = None
+            total = 0.0
+            for index in self._my_batches(step, len(batches)):
+                with torch.enable_grad():
+                    outputs = student_outputs(student, stack, batches[index], bool(targets[index][1]))
+                    loss = self._loss(outputs, batches[index], targets[index], ctx) / self.batch
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)  # frozen tensors get no .grad
+                for param, grad in zip(params, grads):
+                    if grad is not None:
+                        param.grad = grad if param.grad is None else param.grad + grad
+                total += float(loss.detach())
             optimizer.step()
             with torch.no_grad():
-                for tensor, keep in masks:
+                for tensor, keep in masked:
                     tensor.mul_(keep.to(tensor.dtype))
-            losses.append(float(loss.detach()))
+            losses.append(total)
         return losses
+
+    def _train_sharded(self, student: Graph, stack: BlockStack | None, paths: list[str], masks: dict,
+                       batches: list, targets: dict, ctx: PassContext) -> list[float]:
+        """Several processes: the same AdamW steps on an FSDP2-sharded copy of the student (gradients and
+        optimizer state sharded), each process running its share of every step's batches; the trained
+        tensors are gathered back into `student` on every process."""
+        processes = distributed.world()[1]
+        if self.batch % processes:
+            log.warning("distill: batch=%d over %d processes: some run a batch with weight 0 each step; give "
+                        "batch a multiple of the process count", self.batch, processes)
+        slots = -(-self.batch // processes)  # FSDP2 needs the same number of backward passes everywhere
+        sharded = distributed.fully_shard_copy(student.module, set(paths))
+        view = Graph(sharded, student.example_inputs, name=student.name)
+        forward = distributed.sharded_method(sharded, "distill_outputs",
+                                             lambda batch, hidden: student_outputs(view, stack, batch, hidden))
+        trained = [p for p in sharded.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=self.lr, weight_decay=0.0)
+        masked = [(param, distributed.shard_like(keep.to(param.dtype), param))
+                  for param, keep in ((sharded.get_parameter(path), keep) for path, keep in masks.items())]
+        losses = []
+        for step in ctx.progress.track(range(self.steps), "distill", total=self.steps):
+            optimizer.zero_grad(set_to_none=True)
+            mine = self._my_batches(step, len(batches))
+            total = 0.0
+            for slot in range(slots):
+                index, weight = (mine[slot], 1.0) if slot < len(mine) else (0, 0.0)
+                with torch.enable_grad():
+                    outputs = forward(batches[index], bool(targets[index][1]))
+                    loss = self._loss(outputs, batches[index], targets[index], ctx) / self.batch
+                    (loss * weight * processes).backward()  # FSDP2 averages over processes: this sums
+                total += weight * float(loss.detach())
+            optimizer.step()
+            with torch.no_grad():
+                for tensor, keep in masked:
+                    tensor.mul_(keep)
+            losses.append(distributed.sum_floats([total])[0])
+        with torch.no_grad():
+            for path, value in distributed.gather_parameters(sharded, paths).items():
+                student.attribute(path).copy_(value)
+        return losses
+
+
+def student_outputs(student: Graph, stack: BlockStack | None, batch: tuple, hidden: bool) -> tuple[Any, list]:
+    """The student's output on `batch` and, with `hidden`, the outputs of all its residual blocks."""
+    if not hidden:
+        return student.module.forward(*batch), []  # forward, not __call__: FSDP2 hooks wrap the caller
+    runner = BlockRunner(student, stack, record=True)
+    output = runner(*batch)
+    return output, [runner.outputs[p] for p in range(len(stack))]

@@ -18,6 +18,11 @@ Block importance (higher = keep), on calibration batches:
   baselines every metric is measured against.
 
 ``keep_first`` / ``keep_last`` protect blocks at either end.
+
+Across processes (torchrun, `fxpress.utils.distributed`): ``angular``, ``cosine``
+and ``ppl`` score each process's share of the batches and add the sums up, so
+every process gets the same scores and removes the same blocks; ``gate``
+training runs whole on every process (same seed, same gates).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from fxpress.analysis.blocks import BlockRunner, BlockStack, comparable, no_bloc
 from fxpress.analysis.manager import MainBlockStack
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
+from fxpress.utils import distributed
 
 Metric = Literal["angular", "cosine", "ppl", "gate", "last", "random"]
 DEFAULT_RATIO = 0.25
@@ -43,7 +49,8 @@ POLARIZE = 0.1  # weight of the polarizing term against the normalized task grad
 
 def _angular_scores(graph: Graph, stack: BlockStack, batches: list[tuple], metric: str, ctx) -> list[float]:
     totals = [0.0] * len(stack)
-    for batch in ctx.progress.track(batches, f"remove-layers: {metric} importance", total=len(batches)):
+    mine = distributed.shard(batches)  # each process scores its share; the sums are added up below
+    for batch in ctx.progress.track(mine, f"remove-layers: {metric} importance", total=len(mine)):
         runner = BlockRunner(graph, stack, record=True)
         with torch.no_grad():
             runner(*batch)
@@ -52,12 +59,13 @@ def _angular_scores(graph: Graph, stack: BlockStack, batches: list[tuple], metri
             cos = F.cosine_similarity(x.flatten(0, -2).double(), y.flatten(0, -2).double(), dim=-1).clamp(-1, 1)
             score = torch.arccos(cos) / math.pi if metric == "angular" else 1 - cos
             totals[position] += float(score.mean()) / len(batches)
-    return totals
+    return distributed.sum_floats(totals)
 
 
 def _skip_scores(graph: Graph, stack: BlockStack, batches: list[tuple], ctx) -> list[float]:
     totals = [0.0] * len(stack)
-    steps = [(b, p) for b in range(len(batches)) for p in range(len(stack))]
+    mine = distributed.shard(range(len(batches)))  # each process scores its share; the sums are added up below
+    steps = [(b, p) for b in mine for p in range(len(stack))]
     recorded: dict[int, tuple] = {}
     for b, position in ctx.progress.track(steps, "remove-layers: ppl importance", total=len(steps)):
         batch = batches[b]
@@ -74,7 +82,7 @@ def _skip_scores(graph: Graph, stack: BlockStack, batches: list[tuple], ctx) -> 
             except ValueError:
                 out = skipping(*batch)
             totals[position] += (float(ctx.task_loss(out, batch, full)) - base) / len(batches)
-    return totals
+    return distributed.sum_floats(totals)
 
 
 def project_budget(gates: torch.Tensor, budget: float, iterations: int = 50) -> torch.Tensor:
