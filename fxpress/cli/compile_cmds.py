@@ -17,10 +17,13 @@ from fxpress.passes import DumpToDir
 
 
 def compile_and_save(graph: Graph, target: str, out: str | None, console, tune_trials: int = 0,
-                     tuning_dir: str | None = None, dump_ir: str | None = None) -> CompiledModel:
+                     tuning_dir: str | None = None, dump_ir: str | None = None, rpc: str | None = None,
+                     rpc_key: str | None = None) -> CompiledModel:
     """After `fxpress run`'s pipeline: compile the result for `target`, save to `out`, report.
-    dump_ir: a folder for TVM's IR as text (TVM targets)."""
+    dump_ir: a folder for TVM's IR as text (TVM targets).  rpc, rpc_key: tune through that RPC tracker."""
     options = {"dump_ir": dump_ir} if dump_ir else {}
+    if rpc or rpc_key:
+        options |= {"rpc": rpc, "rpc_key": rpc_key}
     compiled = compile_for(graph, target, console, tune_trials=tune_trials, tuning_dir=tuning_dir, **options)
     if dump_ir:
         console.print(f"TVM IR in {dump_ir}", markup=False)
@@ -41,6 +44,22 @@ def check_dump_options(args) -> None:
         if args.target not in tvm_targets:
             raise FxpressError(f"--dump-tvm-ir writes TVM's IR: use --target {tvm_targets[0]} (or "
                                f"{', '.join(tvm_targets[1:])}), not {args.target!r}")
+
+
+def check_rpc_options(args) -> None:
+    """Fail before any model loads for --rpc / --rpc-key without each other, without --tune-trials, or
+    with a target that is not tuned (llvm; aarch64 on a board)."""
+    rpc, key = getattr(args, "rpc", None), getattr(args, "rpc_key", None)
+    if not rpc and not key:
+        return
+    if not rpc or not key:
+        raise FxpressError("--rpc HOST:PORT (a TVM RPC tracker) and --rpc-key NAME (its servers' key) go together: "
+                           f"pass {'--rpc-key' if rpc else '--rpc'} too")
+    if getattr(args, "tune_trials", 0) <= 0:
+        raise FxpressError("--rpc and --rpc-key time MetaSchedule's tuning candidates on a remote device: pass "
+                           "--tune-trials N (N > 0) too; without tuning nothing is measured remotely")
+    if args.target not in ("llvm", "aarch64"):
+        raise FxpressError(f"--rpc tunes for --target llvm or aarch64, not {args.target!r}")
 
 
 def dump_instrument(args) -> DumpToDir | None:

@@ -15,11 +15,14 @@ from fxpress.ir.opinfo import op_label
 
 
 def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int,
-              tuning_dir: str | Path | None, schedule: bool, dump_ir: str | Path | None = None) -> tuple:
+              tuning_dir: str | Path | None, schedule: bool, dump_ir: str | Path | None = None,
+              rpc: str | None = None, rpc_key: str | None = None) -> tuple:
     """(executable, input signature, IOStructure, info) for `graph` compiled for `spec`.
 
     tune_trials / tuning_dir: MetaSchedule tuning (llvm only) into a JSON database; a later build with
-    the same folder reuses it.  schedule: fxpress's default CPU schedules (False: TVM's naive loops).
+    the same folder reuses it.  rpc ("HOST:PORT" of a TVM RPC tracker) and rpc_key (its servers' key):
+    time the tuning candidates on that remote device (fxpress.backends.tvm.rpc).
+    schedule: fxpress's default CPU schedules (False: TVM's naive loops).
     dump_ir: a folder for the IR as TVMScript text: ``00_lowered.relax.py`` (the Relax module lowered
     from the graph), ``01_fused.tir.py`` and ``02_scheduled.tir.py`` (before and after the schedules).
     """
@@ -34,8 +37,9 @@ def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int
         write_ir(lowered.mod, dump_ir, "00_lowered.relax.py")
     info: dict = {}
     database = None
-    if tune_trials or tuning_dir:
-        database, info["tuning"] = tune_lowered(lowered, spec, tune_trials, tuning_dir, fast_math=schedule)
+    if tune_trials or tuning_dir or rpc or rpc_key:
+        database, info["tuning"] = tune_lowered(lowered, spec, tune_trials, tuning_dir, fast_math=schedule,
+                                                rpc=rpc, rpc_key=rpc_key)
     try:
         executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule,
                                                dump_ir=dump_ir)
@@ -67,25 +71,36 @@ def blame_intrinsic(graph: Graph, target: str, message: str) -> LoweringError | 
 
 
 def tune_lowered(lowered, spec: TargetSpec, trials: int, tuning_dir: str | Path | None,
-                 fast_math: bool) -> tuple[str, dict]:
-    """Tune into `tuning_dir` (a temporary folder when None); returns the folder and a summary."""
+                 fast_math: bool, rpc: str | None = None, rpc_key: str | None = None) -> tuple[str, dict]:
+    """Tune into `tuning_dir` (a temporary folder when None); returns the folder and a summary.
+    rpc / rpc_key: measure through that RPC tracker (llvm, or aarch64 on a board's server)."""
     from fxpress.backends.tvm.build import make_target
     from fxpress.backends.tvm.pipeline import fused_module
+    from fxpress.backends.tvm.rpc import parse_remote
     from fxpress.backends.tvm.tuning import tune
 
-    if spec.name != "llvm":
-        raise LoweringError(f"MetaSchedule tuning is implemented for target 'llvm' only, not {spec.name!r}")
+    remote = parse_remote(rpc, rpc_key)
+    if remote is not None and spec.name not in ("llvm", "aarch64"):
+        raise LoweringError(f"rpc tuning is for targets 'llvm' and 'aarch64', not {spec.name!r}")
+    if remote is None and spec.name != "llvm":
+        raise LoweringError(f"MetaSchedule tuning is implemented for target 'llvm' only, not {spec.name!r} "
+                            f"(aarch64: tune on the board through an RPC tracker, rpc= and rpc_key=)")
     if trials < 0:
         raise LoweringError(f"tune_trials must be >= 0, got {trials}")
+    if remote is not None and not trials:
+        raise LoweringError(f"rpc={remote.address} times tuning candidates on a remote device: pass "
+                            "tune_trials > 0 (--tune-trials N) too")
     root = str(tuning_dir) if tuning_dir else tempfile.mkdtemp(prefix="fxpress-tuning-")
     target = make_target(spec)
     key = records_key(target, torch.get_num_threads())
     folder = str(Path(root) / key)
     # the module exactly as the build fuses it (GEMV weight packing goes with the schedules)
-    report = tune(fused_module(lowered.mod, target, fast_math=fast_math, gemv=fast_math), target, folder, trials)
+    report = tune(fused_module(lowered.mod, target, fast_math=fast_math, gemv=fast_math), target, folder, trials,
+                  remote=remote)
     minutes = report.seconds / 60
     summary = {"dir": folder, "key": key, "tasks": report.tasks, "tuned": len(report.tuned), "trials": report.trials,
                "seconds": round(report.seconds, 2), "cost_model": report.cost_model,
+               "rpc": report.rpc,
                "trials_per_minute": round(report.trials / minutes, 1) if report.trials and minutes else None}
     return folder, summary
 

@@ -19,6 +19,11 @@ every task gets fxpress's default schedule measured and recorded, so the
 database's best is never slower than the default, and a task that has any
 record is not tuned again: the next compile with the same folder and the
 same functions runs zero trials.
+
+With a :class:`~fxpress.backends.tvm.rpc.RemoteDevice` (``rpc``/``rpc_key`` compile options) the
+builds stay in this process but are exported as shared libraries, and candidates and default
+schedules are timed on a server behind TVM's RPC tracker by MetaSchedule's ``RPCRunner`` (see
+:mod:`fxpress.backends.tvm.rpc`); the records go to the same database.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import importlib
 import logging
 import platform
 import sys
+import tempfile
 import time
 import types
 from dataclasses import dataclass, field
@@ -56,14 +62,22 @@ def build_candidate(mod: tvm.IRModule, target):
 
 @derived_object
 class InProcessBuilder(PyBuilder):
-    """Builds each candidate in this process (no worker pool, no start-up per batch)."""
+    """Builds each candidate in this process (no worker pool, no start-up per batch).
+
+    export: library, target -> artifact path (MetaSchedule's tar of objects by default; a .so for
+    an RPC server)."""
+
+    def __init__(self, export=None):
+        super().__init__()
+        self.export = export
 
     def build(self, build_inputs):
         results = []
         for build_input in build_inputs:
             try:
                 library = build_candidate(build_input.mod, build_input.target)
-                results.append(BuilderResult(default_export(library), None))
+                artifact = self.export(library, build_input.target) if self.export else default_export(library)
+                results.append(BuilderResult(artifact, None))
             except Exception as err:  # noqa: BLE001 - a bad candidate is a failed build, not a crash
                 results.append(BuilderResult(None, f"build failed: {type(err).__name__}: {err}"))
         return results
@@ -115,6 +129,7 @@ class TuningReport:
     trials: int = 0
     seconds: float = 0.0
     cost_model: str | None = None  # xgb (xgboost installed) or random; None when nothing was tuned
+    rpc: str | None = None  # "key@host:port" when measured through an RPC tracker
 
 
 def open_database(tuning_dir: str | Path) -> ms.database.JSONDatabase:
@@ -138,18 +153,29 @@ def default_schedule(func: tvm.tirx.PrimFunc, target) -> tvm.s_tir.Schedule:
                 scheduled = scheduled[0] if scheduled else None
             if scheduled is not None:
                 return scheduled
-    return tvm.s_tir.Schedule(func)
+    naive = tvm.s_tir.Schedule(func)
+    with contextlib.suppress(Exception):  # a function without a root block keeps the empty trace
+        naive.get_sblock("root")  # a trace of one lookup: the database's get_top_k skips a record with an empty one
+    return naive
 
 
-def record_default_schedule(database, task, target) -> float:
-    """Measure the default schedule of `task`, commit it as a tuning record; its seconds per run."""
+def record_default_schedule(database, task, target, runner=None, export_root: str | None = None) -> float:
+    """Measure the default schedule of `task`, commit it as a tuning record; its seconds per run.
+    runner: an RPC runner (:func:`fxpress.backends.tvm.rpc.make_runner`) to time it remotely (the
+    library exported under `export_root`)."""
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     module = task.dispatched[0]
     func = module["main"]
     schedule = default_schedule(func, target)
     args_info = ArgInfo.from_prim_func(func)
-    seconds = measure_library(build_candidate(schedule.mod, target), args_info, tvm.cpu())
+    library = build_candidate(schedule.mod, target)
+    if runner is None:
+        seconds = measure_library(library, args_info, tvm.cpu())
+    else:
+        from fxpress.backends.tvm.rpc import measure_remote
+
+        seconds = measure_remote(runner, library, args_info, target, export_root)
     database.commit_tuning_record(ms.database.TuningRecord(
         schedule.trace, database.commit_workload(module), seconds, target, args_info))
     return sorted(seconds)[len(seconds) // 2]
@@ -209,18 +235,37 @@ def _x86_tensor_intrinsics_only(target):
 
 
 def tune(mod: tvm.IRModule, target, tuning_dir: str | Path, trials: int,
-         min_trials_per_task: int = MIN_TRIALS_PER_TASK) -> TuningReport:
+         min_trials_per_task: int = MIN_TRIALS_PER_TASK, remote=None) -> TuningReport:
     """Tune the functions of a fused module into the database in `tuning_dir`.
 
     Only functions without a record are measured (default schedule) and tuned; the slowest
     per call of ``main`` (default latency x uses) get the `trials`, >= `min_trials_per_task` each.
+    remote: a :class:`fxpress.backends.tvm.rpc.RemoteDevice`: measure on its tracker's servers.
     """
+    with contextlib.ExitStack() as cleanup:
+        return _tune(mod, target, tuning_dir, trials, min_trials_per_task, remote, cleanup)
+
+
+def _tune(mod, target, tuning_dir, trials, min_trials_per_task, remote, cleanup) -> TuningReport:
     start = time.perf_counter()
     database = open_database(tuning_dir)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     todo = [task for task in tasks if measurable(task) and not has_record(database, task)]
     report = TuningReport(tasks=len(tasks))
-    per_call = {task.task_name: record_default_schedule(database, task, target) * task.weight for task in todo}
+    builder, runner = InProcessBuilder(), InProcessRunner()
+    remote_runner, export_root = None, None
+    if remote is not None:
+        from fxpress.backends.tvm import rpc
+
+        report.rpc = f"{remote.key}@{remote.address}"
+        if todo:
+            rpc.check_tracker(remote)  # a clear error now, not a hang in the runner's worker
+            export_root = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="fxpress-rpc-"))
+            builder = InProcessBuilder(export=lambda library, target: rpc.export_for_upload(library, target,
+                                                                                            export_root))
+            runner = remote_runner = rpc.make_runner(remote, EVALUATOR)
+    per_call = {task.task_name: record_default_schedule(database, task, target, remote_runner, export_root)
+                * task.weight for task in todo}
     in_main = called_by_main(mod)
     candidates = sorted((task for task in todo if task.task_name in in_main),
                         key=lambda task: per_call[task.task_name], reverse=True)
@@ -231,8 +276,8 @@ def tune(mod: tvm.IRModule, target, tuning_dir: str | Path, trials: int,
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 chosen, work_dir=str(tuning_dir), strategy=strategy, num_threads=1, seed=0)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
-                          num_trials_per_iter=min(TRIALS_PER_ITERATION, trials), builder=InProcessBuilder(),
-                          runner=InProcessRunner(), database=database, cost_model=cost_model)
+                          num_trials_per_iter=min(TRIALS_PER_ITERATION, trials), builder=builder,
+                          runner=runner, database=database, cost_model=cost_model)
         report.tuned = [task.task_name for task in chosen]
         report.trials = trials
         report.cost_model = cost_model
