@@ -104,13 +104,17 @@ def head_nodes(graph: Graph, uses: list[WeightUse]) -> set[str]:
 def nearest_linears(graph: Graph, uses: list[WeightUse], *, from_outputs: bool,
                     stops: tuple[str, ...]) -> set[str]:
     """Names of the linear nodes reached from the graph's outputs (walking back) or from its inputs
-    (walking forward) without passing an op of a `stops` category."""
+    (walking forward) without passing an op of a `stops` category.
+
+    Shape values are not followed: a dynamic capture reads the batch size off the input (`sym_size`),
+    and every reshape after it uses that size, so through it the input would "reach" nearly every
+    linear (and the output, walking back, every producer of a size)."""
     linears = {use.node for use in uses if use.kind == "linear"}
     found, seen = set(), set()
     stack = [node for node in graph.fx.nodes if node.op == ("output" if from_outputs else "placeholder")]
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node in seen or is_shape_value(node):
             continue
         seen.add(node)
         if node.name in linears:
@@ -121,3 +125,8 @@ def nearest_linears(graph: Graph, uses: list[WeightUse], *, from_outputs: bool,
             continue
         stack.extend(node.all_input_nodes if from_outputs else node.users)
     return found
+
+
+def is_shape_value(node: Node) -> bool:
+    """A node computing a size (SymInt, or a Python number from the shapes), not a tensor."""
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))

@@ -103,7 +103,8 @@ def ste(weight: Tensor, quantized: Tensor) -> Tensor:
 
 # -- layers and losses -----------------------------------------------------------------------------
 def first_modules(graph: Graph, uses: list[WeightUse]) -> set[str]:
-    """Module paths of the linears an input reaches without passing another matmul, conv or embedding."""
+    """Module paths of the linears an input's tensor reaches without passing another matmul, conv or
+    embedding (shape values are not followed: see `nearest_linears`)."""
     modules = {use.node: use.module for use in uses if use.kind == "linear"}
     return {modules[name] for name in nearest_linears(graph, uses, from_outputs=False, stops=_STOPS)}
 

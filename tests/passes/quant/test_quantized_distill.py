@@ -157,3 +157,18 @@ def test_bad_input_gets_one_clear_error(vit):
            "lr=0.001,batch=2,quantize_first_last=true,init=gptq,train_float=false,teacher=context,targets=blocks.*," \
            "skip=head,pad=true}"
     assert str(parse_pipeline(text)[0]) == text
+
+
+def test_first_layers_do_not_follow_the_dynamic_batch_size():
+    """A dynamic capture reads the batch size off the input (sym_size) and every reshape uses it; the
+    walk from the inputs must not reach every linear through it (vit-mnist's patch embedding is a
+    conv, so no linear is first: 12 of 16 were, before shape values were skipped)."""
+    from fxpress.passes.quant.layers import weight_uses
+    from fxpress.passes.quant.quantized_distill import first_modules
+    from fxpress.recipes.run import capture_model
+    from fxpress.zoo import load_model
+
+    model = load_model("vit-mnist")
+    graph = capture_model(model)
+    assert model.dynamic_dims and any(n.target == torch.ops.aten.sym_size.int for n in graph.fx.nodes)
+    assert first_modules(graph, weight_uses(graph)) == set()
