@@ -35,6 +35,9 @@ from fxpress.eval import calibration_batches, evaluate, measure_latency, task_lo
 from fxpress.passes import PassContext, PassManager
 from fxpress.zoo import list_models, load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.table import print_rows  # noqa: E402
+
 log = logging.getLogger("benchmarks.lowrank")
 
 FIELDS = ("model", "method", "target", "params_ratio", "macs_ratio", "latency_ratio", "metric", "metric_distilled")
@@ -150,11 +153,7 @@ def _fmt(value) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in FIELDS}
-    print("  ".join(f"{c:>{widths[c]}}" for c in FIELDS))
-    print("  ".join("-" * widths[c] for c in FIELDS))
-    for r in rows:
-        print("  ".join(f"{_fmt(r[c]):>{widths[c]}}" for c in FIELDS))
+    print_rows(rows, FIELDS, _fmt)
     print("metric: minilm = stdlib-docs test MRR, smollm2 = pydoc-topics perplexity (lower is better), "
           "cnn-digits = digits test accuracy, gdnet-lite = depth RMSE in mm (lower is better); "
           "ratios are factorized / dense")

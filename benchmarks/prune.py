@@ -58,6 +58,7 @@ from fxpress.zoo.hf import CausalLMLogits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.peers.torch_pruning_baseline import prune_smollm2_with_torch_pruning  # noqa: E402
 from benchmarks.sparse_speed import measure  # noqa: E402
+from benchmarks.table import print_rows  # noqa: E402
 
 log = logging.getLogger("benchmarks.prune")
 
@@ -333,11 +334,7 @@ def _fmt(value: object) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in FIELDS}
-    print("  ".join(f"{c:>{widths[c]}}" for c in FIELDS))
-    print("  ".join("-" * widths[c] for c in FIELDS))
-    for r in rows:
-        print("  ".join(f"{_fmt(r[c]):>{widths[c]}}" for c in FIELDS))
+    print_rows(rows, FIELDS, _fmt)
     print("metric: minilm = stdlib-docs test MRR, smollm2 = pydoc-topics perplexity; metric_ci: 95% paired bootstrap"
           " of the difference (minilm: MRR vs magnitude; smollm2: per-block NLL in nats vs contribution)")
 

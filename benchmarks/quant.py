@@ -47,6 +47,9 @@ from fxpress.passes import PassContext, PassManager
 from fxpress.passes.quant.quantize import Quantize, layer_weight
 from fxpress.zoo import load_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.table import print_rows, thread_ms  # noqa: E402
+
 log = logging.getLogger("benchmarks.quant")
 
 FIELDS = ("model", "method", "bits", "group", "bytes_ratio", "bits_per_weight", "metric_by_domain", "metric_delta",
@@ -171,16 +174,6 @@ def metric_delta(zoo, values: dict[str, float], fp32: dict[str, float]) -> dict[
     if zoo.task == "causal-lm":
         return {d: round(values[d] / fp32[d] - 1, 4) for d in values}
     return {d: round(100 * (values[d] - fp32[d]), 2) for d in values}
-
-
-def thread_ms(fn: Callable, inputs: tuple, calls: int) -> float:
-    """Median thread CPU time of `calls` calls, in ms."""
-    times = []
-    for _ in range(calls):
-        start = time.thread_time()
-        fn(*inputs)
-        times.append((time.thread_time() - start) * 1e3)
-    return statistics.median(times)
 
 
 def latency_ratio(fp32: Callable, method: Callable, inputs: tuple, settings: Settings) -> float:
@@ -387,11 +380,7 @@ def _fmt(value: Any) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in FIELDS}
-    print("  ".join(f"{c:>{widths[c]}}" for c in FIELDS))
-    print("  ".join("-" * widths[c] for c in FIELDS))
-    for r in rows:
-        print("  ".join(f"{_fmt(r[c]):>{widths[c]}}" for c in FIELDS))
+    print_rows(rows, FIELDS, _fmt)
     print("metric: smollm2 = perplexity pydoc-topics/shakespeare (lower is better, delta relative), minilm = "
           "stdlib-docs MRR, vit-mnist / cnn-digits = accuracy (delta in points); ratios are method / fp32")
     for r in rows:

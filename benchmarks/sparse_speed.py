@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,6 +25,9 @@ from fxpress.ir import Graph, capture
 from fxpress.passes import PassContext, PassManager
 from fxpress.passes.sparsity import sparse_kernels  # noqa: F401  (registers the pass)
 from fxpress.zoo import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.table import thread_ms  # noqa: E402
 
 PATHS = ("eager", "native", "tvm")
 TARGETS = {"native": "native", "tvm": "llvm"}
@@ -39,16 +43,6 @@ def _builds(graph: Graph, paths: tuple[str, ...]) -> dict[str, Callable]:
             compiled.set_threads(1)
             built[path] = compiled
     return built
-
-
-def _round_ms(fn: Callable, inputs: tuple, calls: int) -> float:
-    """Median thread CPU time of `calls` calls, in ms."""
-    times = []
-    for _ in range(calls):
-        start = time.thread_time()
-        fn(*inputs)
-        times.append((time.thread_time() - start) * 1e3)
-    return statistics.median(times)
 
 
 def measure(graph_dense: Graph, graph_sparse: Graph, inputs: tuple, rounds: int = 5,
@@ -67,7 +61,7 @@ def measure(graph_dense: Graph, graph_sparse: Graph, inputs: tuple, rounds: int 
             for _ in range(rounds):
                 for path in paths:
                     for kind in built:
-                        samples[kind, path].append(_round_ms(built[kind][path], inputs, calls))
+                        samples[kind, path].append(thread_ms(built[kind][path], inputs, calls))
             result: dict[str, Any] = {}
             for path in paths:
                 dense = statistics.median(samples["dense", path])
