@@ -15,7 +15,9 @@ A linear whose input is one row (a decode step) runs a pre-scheduled GEMV on the
 
 The repacks depend only on the stored planes, so ``LiftTransformParams`` runs them once at load
 time; 2- and 4-bit codes stay packed (4 and 2 per byte along k, so the byte of one k step holds NB
-columns side by side), 3-bit codes take a 4-bit field and 8-bit codes a byte.  Panels of NB output
+columns side by side), 3-bit codes take a 4-bit field and 8-bit codes a byte (so does any code
+whose group would end inside a byte).  A byte's codes are unpacked by constant int32 shifts in one
+reduction step: TIR's index arithmetic is int64, and a shift by ``k % 2`` made 64-bit vector lanes.  Panels of NB output
 columns run in parallel; in a panel, k runs innermost over the NB columns as vectors, the group's
 partial sums stay in registers, and the scale and offset are applied once per group.
 
