@@ -234,6 +234,23 @@ def _x86_tensor_intrinsics_only(target):
             del sys.modules[name]
 
 
+@contextlib.contextmanager
+def _foreign_handlers_detached():
+    """MetaSchedule configures its logger with dictConfig, listing the logger's handlers by name; a
+    handler someone else attached (pytest's log capture, an application's own) is not in that config,
+    and the tuning failed with "'NoneType' object has no attribute 'format'".  They are taken off for
+    the tuning and put back after."""
+    logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign = [h for h in logger.handlers if not (h.get_name() or "").startswith("tvm.s_tir.meta_schedule")]
+    for handler in foreign:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in foreign:
+            logger.addHandler(handler)
+
+
 def tune(mod: tvm.IRModule, target, tuning_dir: str | Path, trials: int,
          min_trials_per_task: int = MIN_TRIALS_PER_TASK, remote=None) -> TuningReport:
     """Tune the functions of a fused module into the database in `tuning_dir`.
@@ -272,7 +289,7 @@ def _tune(mod, target, tuning_dir, trials, min_trials_per_task, remote, cleanup)
     chosen = candidates[:max(trials // min_trials_per_task, 1)] if trials else []
     if chosen:
         cost_model, strategy = _search()
-        with _x86_tensor_intrinsics_only(target):
+        with _x86_tensor_intrinsics_only(target), _foreign_handlers_detached():
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 chosen, work_dir=str(tuning_dir), strategy=strategy, num_threads=1, seed=0)
             ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(tuning_dir), max_trials_global=trials,
