@@ -364,8 +364,12 @@ def model_rows(plan: ModelPlan, settings: Settings) -> list[dict]:
     for method in plan.methods[1:]:
         if settings.quick and not method.quick:
             continue
-        rows.append(torchao_row(baseline, method, settings) if method.peer else
-                    pipeline_row(baseline, method, settings))
+        try:
+            rows.append(torchao_row(baseline, method, settings) if method.peer else
+                        pipeline_row(baseline, method, settings))
+        except Exception as err:  # noqa: BLE001 - one failing row does not end the run: it says why
+            log.warning("%s %s failed: %s", plan.name, method.name, first_line(err))
+            rows.append(make_row(baseline, method, None, None, 0.0, {}, f"failed: {first_line(err)}"))
     return rows
 
 

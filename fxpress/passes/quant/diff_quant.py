@@ -197,8 +197,9 @@ class DiffQuant(Pass):
                 output = self._forward(graph, layers, books, batches[index])
                 loss = distillation_loss(output, targets[index], batches[index], ctx, self.T, self.alpha)
                 codebooks = [book.codebook for book in books.values()]
-                for book, grad in zip(codebooks, torch.autograd.grad(loss, codebooks)):
-                    book.grad = grad  # only the codebooks: the graph's own tensors get no .grad
+                grads = torch.autograd.grad(loss, codebooks, allow_unused=True)  # a layer the output skips: None
+                for book, grad in zip(codebooks, grads):
+                    book.grad = grad  # only the codebooks: the graph's own tensors get no .grad; Adam skips None
             optimizer.step()
             schedule.step()
             losses.append(float(loss.detach()))
