@@ -7,7 +7,8 @@ SmolLM2-135M: perplexity on ``--blocks`` 64-token test blocks of both pydoc-topi
 calibration mixes the train splits of both (GPTQ calibrated on one domain loses on the other).  Its
 weights come from a Q4_1 GGUF, so ``quantize{bits=4,group=32,zero=float}`` reproduces them (a row flagged
 in ``note``); the 4-bit comparisons use integer zero points.  MiniLM: stdlib-docs test MRR over
-``--max-items`` pairs.  vit-mnist and cnn-digits: top-1 accuracy on the whole test split.
+``--max-items`` pairs.  vit-mnist and cnn-digits: top-1 accuracy on the whole test split; their calibration
+images are spread over the training split (``calibration_batches``).
 
 Rows (``--json``): model, method, bits, group, bytes_ratio, bits_per_weight, metric_by_domain,
 metric_delta, seconds, latency_b1_ratio, latency_b64_ratio (and ``note`` where something needs saying).

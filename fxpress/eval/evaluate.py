@@ -157,13 +157,24 @@ def calibration_batches(model: ZooModel, count: int = 4, batch_size: int | None 
         images = load_dataset(name, split).images
         check_image_shape(fit, images, f"calibration data {name}")
         size = batch_size_for(fit, batch_size, 32)
-        return [(fit_rows(fit, images[start:start + size], size),)
-                for start in range(0, min(len(images), count * size), size)]
+        return [(fit_rows(fit, images[rows], size),) for rows in spread_rows(len(images), count, size)]
     if model.task == "depth-sr":
         return _depth_calibration(model, source, count, batch_size, fit, split)
     if model.task == "causal-lm":
         return _lm_calibration(model, source, count, batch_size, fit, split)
     return _encoder_calibration(model, source, count, batch_size, fit, split)
+
+
+def spread_rows(total: int, count: int, size: int) -> list[torch.Tensor]:
+    """Row indices of up to `count` batches of `size`, each spread over all `total` rows of a split.
+
+    Datasets may be stored sorted by label (mnist-5k's training rows are): the first rows would be a
+    few classes only (16 x 100 images: digits 0-3), and a codebook or Hessian fitted to them hurts the
+    others.  Batch b takes every `count`-th of `count * size` evenly spaced rows, starting at b.
+    """
+    batches = max(1, min(count, total // max(size, 1)))
+    chosen = torch.arange(batches * size) * total // (batches * size)
+    return [chosen[start::batches] for start in range(batches)]
 
 
 def _depth_calibration(model: ZooModel, source: Source, count: int, batch_size: int | None,

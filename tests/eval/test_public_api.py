@@ -256,3 +256,22 @@ def test_a_model_without_what_its_metric_needs_is_a_data_error(tiny):
     lm.tokenizer = None
     with pytest.raises(DataError, match="has no tokenizer"):
         evaluate(lm, lm.module, "shakespeare")
+
+
+def test_classifier_calibration_spans_every_label_of_a_sorted_split():
+    """mnist-5k's training rows are sorted by label: the first 4 batches of 32 were all digit 0, so a
+    codebook or Hessian fitted on them saw one class.  Each batch now spans the split."""
+    from fxpress.zoo import load_model
+    from fxpress.zoo.datasets import load_dataset
+
+    model = load_model("vit-mnist")
+    split = load_dataset(model.dataset, "train")
+    assert torch.equal(split.labels[:32], torch.zeros(32, dtype=split.labels.dtype))  # why this matters
+    batches = calibration_batches(model, count=4, batch_size=32)
+    assert [tuple(images.shape) for (images,) in batches] == [(32, 1, 28, 28)] * 4
+    rows = {tuple(image.flatten().tolist()): label for image, label in zip(split.images, split.labels.tolist())}
+    for (images,) in batches:
+        labels = {rows[tuple(image.flatten().tolist())] for image in images}
+        assert labels == set(range(10))
+    first = torch.cat([images for (images,) in batches])
+    assert len({tuple(image.flatten().tolist()) for image in first}) == 128  # no image twice

@@ -3,12 +3,17 @@
 Differentiable quantization (Polino et al., ICLR 2018).  Each chosen linear (as `quantize` picks them)
 keeps its group scales and shifts (the RTN parameters of `scheme` / `zero`), so W_i = scale_i * u_i +
 shift_i with u_i in [0, 2^bits - 1] (the scaled domain).  A per-tensor codebook p of 2^bits points in
-that domain replaces the uniform grid: Q_i = scale_i * p[a_i] + shift_i with a_i the point nearest u_i.
+that domain replaces the uniform grid: Q_i = scale_i * p[a_i] + shift_i with a_i the point nearest u_i
+(at the start; see `reassign`).
 With the weights frozen, the points are learned by Adam (cosine-decayed) against the teacher's outputs (the input graph,
 or ctx.teacher with ``teacher=context``): T^2 * KL(teacher || student at temperature T) on the
 calibration batches, plus (1 - alpha) task loss where labels exist (as quantized-distill).  Autograd
-gives dL/dp_j = sum over weights assigned to j of scale_i * dL/dQ_i, the paper's gradient.  Assignments
-are recomputed every `reassign` steps and once more at the end.
+gives dL/dp_j = sum over weights assigned to j of scale_i * dL/dQ_i, the paper's gradient.  That gradient
+holds the assignments fixed, and by default (``reassign=0``) so does training: each weight keeps the point
+nearest it at the start.  ``reassign=N`` moves every weight to its nearest point every N steps (the paper's
+nearest-point Q); when a step moves points apart, the weights at the cell borders then jump to the inner
+point, a change the gradient did not see.  At the end every weight moves to its nearest point unless that
+raises the calibration KL over the assignment the points were trained for (stat ``final_assignment``).
 
 - ``init=quantiles``: p_j = the (j + 1/2) / 2^bits quantile of the tensor's u; ``init=uniform``: p_j = j
   (the RTN grid: step 0 is the RTN graph).
@@ -96,7 +101,7 @@ class DiffQuant(Pass):
     init: Literal["quantiles", "uniform"] = "quantiles"
     steps: int = 50
     lr: float = 0.01  # in code units (the uniform grid's spacing is 1)
-    reassign: int = 1  # recompute the nearest point of every weight every `reassign` steps
+    reassign: int = 0  # move every weight to its nearest point every `reassign` steps; 0: never while training
     T: float = 2.0
     alpha: float = 0.7
     bit_alloc: bool = False  # not implemented: refused
@@ -108,8 +113,8 @@ class DiffQuant(Pass):
 
     def __post_init__(self) -> None:
         check_quant_options(self, self.bits, self.group, self.scheme, self.zero)
-        if self.steps < 0 or self.reassign < 1 or not self.lr > 0 or not self.T > 0 or not 0 <= self.alpha <= 1:
-            raise self.bad_option(f"steps must be >= 0, reassign >= 1, lr and T > 0, alpha in [0, 1]; got steps="
+        if self.steps < 0 or self.reassign < 0 or not self.lr > 0 or not self.T > 0 or not 0 <= self.alpha <= 1:
+            raise self.bad_option(f"steps must be >= 0, reassign >= 0, lr and T > 0, alpha in [0, 1]; got steps="
                                   f"{self.steps}, reassign={self.reassign}, lr={self.lr}, T={self.T}, "
                                   f"alpha={self.alpha}")
         if self.bit_alloc:
@@ -148,9 +153,7 @@ class DiffQuant(Pass):
         start = {path: book.codebook.detach().clone() for path, book in books.items()}
         kl_before = self._kl(student, layers, books, batches, targets)
         losses = self._train(student, layers, books, batches, targets, ctx)
-        for book in books.values():
-            book.assign()
-        kl_after = self._kl(student, layers, books, batches, targets)
+        kl_after, final = self._final_assignment(student, layers, books, batches, targets)
         result = quantizer.rewrite(graph, ctx, lambda layer, weight, hessian: (books[layer.path].packed(),
                                                                                  "diff-quant"))
         stats = result.stats
@@ -160,7 +163,7 @@ class DiffQuant(Pass):
             entry["codebook"] = [round(float(v), 4) for v in books[layer.path].packed().codebook]
         window = max(1, min(len(batches), self.steps // 4))
         stats.update(method="diff-quant", init=self.init, steps=self.steps, kl_before=round(kl_before, 6),
-                     kl_after=round(kl_after, 6),
+                     kl_after=round(kl_after, 6), final_assignment=final,
                      task_loss=task_loss_kind(ctx, batches[0], targets[0]) or "none (no labels: T^2 KL only)",
                      seconds=round(time.perf_counter() - started, 2))
         if losses:
@@ -183,12 +186,27 @@ class DiffQuant(Pass):
                       for batch, target in zip(batches, targets)]
         return float(sum(values) / len(values))
 
+    def _final_assignment(self, graph: Graph, layers: list[Layer], books: dict[str, CodebookLayer], batches: list,
+                          targets: list) -> tuple[float, str]:
+        """(KL, "nearest" | "trained"): every weight moved to its nearest point, unless that raises the
+        calibration KL over the assignment the last steps trained the points for; then that one is kept."""
+        trained = {path: book.codes for path, book in books.items()}
+        kl_trained = self._kl(graph, layers, books, batches, targets)
+        for book in books.values():
+            book.assign()
+        kl_nearest = self._kl(graph, layers, books, batches, targets)
+        if kl_nearest <= kl_trained:
+            return kl_nearest, "nearest"
+        for path, book in books.items():
+            book.codes = trained[path]
+        return kl_trained, "trained"
+
     def _train(self, graph: Graph, layers: list[Layer], books: dict[str, CodebookLayer], batches: list,
                targets: list, ctx: PassContext) -> list[float]:
         optimizer = torch.optim.Adam([book.codebook for book in books.values()], lr=self.lr)
         schedule, losses = cosine_decay(optimizer, self.steps), []
         for step in ctx.progress.track(range(self.steps), self.name, total=self.steps):
-            if step and step % self.reassign == 0:
+            if step and self.reassign and step % self.reassign == 0:
                 for book in books.values():
                     book.assign()
             index = step % len(batches)
