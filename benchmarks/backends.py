@@ -33,7 +33,7 @@ from fxpress.passes import PassManager
 from fxpress.utils.timing import interleaved_latency
 from fxpress.zoo import load_model
 
-MODELS = ("vit-mnist", "cnn-digits", "bnn-digits", "minilm")
+MODELS = ("vit-mnist", "cnn-digits", "bnn-digits", "minilm", "gdnet-lite")
 COMPRESSED = ("vit-mnist+merge-tokens{r=10,schedule=decreasing}", "bnn-digits+binarize,xnor-mst")
 IMAGE_BATCH = 8
 

@@ -31,9 +31,8 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_reduction_blocks
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
 
-from fxpress.backends.tvm.schedule_utils import (has_root_block, is_cpu, multiply_add_reads, root_block,
+from fxpress.backends.tvm.schedule_utils import (has_root_block, is_cpu, multiply_add_reads, root_block, vector_bits,
                                                  vector_factor, vector_lanes)
 
 log = logging.getLogger(__name__)
@@ -124,8 +123,7 @@ class PackGemvWeights:
     """
 
     def __init__(self, target: Target):
-        bits = llvm_get_vector_width(target)
-        self.vector_bits = bits if bits and bits > 0 else 128
+        self.vector_bits = vector_bits(target)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutator = _PackGemvMutator(mod, self.vector_bits)

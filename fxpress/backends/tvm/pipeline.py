@@ -33,6 +33,8 @@ from tvm import relax
 
 log = logging.getLogger(__name__)
 
+NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
 
 def _take_wrapping_indices(bb, call):
     """``take`` with torch's index semantics (negative indices count from the end).
@@ -96,13 +98,35 @@ def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,
     return passes
 
 
+def _calls(mod: tvm.IRModule, op_name: str) -> bool:
+    """Whether a Relax function of `mod` calls the operator `op_name`.
+
+    ``ConvertLayout`` runs only where there is a convolution: on graphs without one it still
+    rewrote the module, and a compiled decode step with a packed KV cache (symbolic lengths)
+    then crashed at run time.
+    """
+    op = tvm.ir.Op.get(op_name)
+    found = []
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.same_as(op):
+            found.append(expr)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
 def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool | None = None,
-                 gemv: bool | None = None) -> tvm.IRModule:
+                 gemv: bool | None = None, direct_conv: bool | None = None) -> tvm.IRModule:
     """`mod` after param lifting, legalization and fusion: the functions schedules and tuning see.
 
     fast_math (default: on for llvm): exp/erf/tanh as vectorizable polynomials (:mod:`.fast_math`).
     gemv (default: on for llvm): single-row linears take their weight packed in column panels
     (:class:`.gemv_schedule.PackGemvWeights`, done once at load time by ``main_transform_params``).
+    direct_conv (default: with fast_math on llvm): conv2d in NHWC activations and HWIO weights
+    (``ConvertLayout``), for the direct convolution rule of :mod:`.conv_schedule`.
     """
     from fxpress.backends.tvm.gemv_schedule import PackGemvWeights
 
@@ -111,6 +135,10 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
     if gemv is None:
         gemv = target.kind.name == "llvm"
     packing = [PackGemvWeights(target)] if gemv else []
+    if direct_conv is None:
+        direct_conv = target.kind.name == "llvm" and fast_math
+    if direct_conv and _calls(mod, "relax.nn.conv2d"):  # NHWC activations, HWIO weights (at load): conv_schedule
+        packing = [relax.transform.ConvertLayout(NHWC_LAYOUTS), *packing]
     seq = tvm.transform.Sequential([*packing, relax.transform.LiftTransformParams(),
                                     *_legalize_and_fuse(fast_math)])
     with target:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_cpu_has_features, llvm_get_vector_width
 
 
 def is_cpu(target: Target) -> bool:
@@ -40,10 +40,31 @@ def pick_factor(size, candidates: list[int]) -> int | None:
     return None
 
 
-def vector_lanes(target: Target, stmt) -> int:
-    """SIMD lanes for the block's output dtype (AVX-512 f32: 16; NEON f32: 4)."""
+def vector_bits(target: Target) -> int:
+    """The SIMD register width in bits the schedules size their tiles for.
+
+    LLVM's answer alone is wrong on some x86 hosts: it reports 512 bits for an AVX2-only
+    znver3 (AMD EPYC), where a "16-lane" vector is two 256-bit registers and a register
+    tile sized for 32 AVX-512 registers spills.  On x86 without AVX-512F the width is
+    therefore capped at 256 bits (AVX) or 128 (SSE).
+    """
     bits = llvm_get_vector_width(target)
     bits = bits if bits and bits > 0 else 128
+    if _is_x86(target) and bits > 256 and not llvm_cpu_has_features(["avx512f"], target):
+        bits = 256 if llvm_cpu_has_features(["avx"], target) else 128
+    return bits
+
+
+def _is_x86(target: Target) -> bool:
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return not triple or triple.startswith(("x86", "i686"))
+
+
+def vector_lanes(target: Target, stmt) -> int:
+    """SIMD lanes for the block's output dtype (AVX-512 f32: 16; AVX2: 8; NEON f32: 4)."""
+    bits = vector_bits(target)
     dtype_bits = stmt.writes[0].source.dtype.bits if stmt.writes else 32
     return max(bits // max(dtype_bits, 8), 1)
 

@@ -1,0 +1,100 @@
+"""Direct convolution on llvm (NHWC, HWIO weights lifted to load time): exact against eager, every
+conv takes the rule, and the tile fits the registers."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from fxpress import backends
+from fxpress.ir import capture
+
+torch.set_num_threads(1)
+
+
+class Convs(nn.Module):
+    """Dense (bias, stride 2, 1x1, no padding, one output channel), depthwise (dilated), grouped."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+        self.dilated = nn.Conv2d(24, 24, 5, padding=4, dilation=2, groups=24, bias=False)
+        self.pointwise = nn.Conv2d(24, 40, 1)
+        self.grouped = nn.Conv2d(40, 40, 3, padding=1, groups=4)
+        self.norm = nn.BatchNorm2d(40)
+        self.valid = nn.Conv2d(40, 16, 3, bias=False)
+        self.single = nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = self.depthwise(x) + self.dilated(x)
+        x = nn.functional.gelu(self.norm(self.grouped(self.pointwise(x))))
+        return self.single(self.valid(x))
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Convs().eval()
+    with torch.no_grad():  # a BatchNorm that is not the identity
+        model.norm.running_mean.uniform_(-0.5, 0.5)
+        model.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 30, 30)
+    folder = tmp_path_factory.mktemp("ir")
+    return model, x, backends.compile(capture(model, (x,), name="convs"), "llvm", dump_ir=folder), folder
+
+
+def test_direct_conv_matches_eager(compiled):
+    model, x, built, _ = compiled
+    with torch.no_grad():
+        expected = model(x)
+    assert built(x).shape == expected.shape == (2, 1, 13, 13)
+    assert (built(x) - expected).abs().max().item() < 1e-5 * max(1.0, expected.abs().max().item())
+
+
+def test_every_conv_takes_the_direct_rule_and_weights_are_transposed_at_load(compiled):
+    *_, folder = compiled
+    script = (folder / "02_scheduled.tir.py").read_text()
+    kinds = re.findall(r'"fxpress.schedule": "conv-([\w-]+)"', script)
+    # init and update blocks both carry the annotation: 3 dense, 2 depthwise, 1 grouped convolution, and
+    # the 16 -> 1 channel head with vector lanes over its input channels
+    assert (kinds.count("dense"), kinds.count("depthwise"), kinds.count("grouped")) == (6, 4, 2)
+    assert kinds.count("channel-sums") == 2
+    assert "im2col" not in script and "pad_temp_reindex" not in script
+    transform = script[script.index("def main_transform_params"):script.index("def main(")]
+    assert transform.count("transpose") >= 7  # every conv weight: OIHW -> HWIO, once at load
+
+
+@pytest.mark.parametrize("width,channels,lanes,span", [(8, 32, 8, None), (4, 64, 8, None), (64, 16, 8, None),
+                                                       (15, 40, 8, 10), (13, 1, 8, None), (8, 32, 16, None),
+                                                       (7, 24, 4, None)])
+def test_conv_tile_fits_the_registers_and_divides_the_row(width, channels, lanes, span):
+    from fxpress.backends.tvm.conv_schedule import conv_tile
+
+    registers = 32 if lanes >= 16 else 16
+    pixels, vectors, vector = conv_tile(width, channels, lanes, registers, span)
+    assert width % pixels == 0 and channels % (vectors * vector) == 0
+    assert (span or channels) % vector == 0 and vector <= lanes
+    assert pixels * vectors + vectors + 1 <= registers - (2 if registers > 16 else 1)
+
+
+def test_conv_tile_by_hand():
+    from fxpress.backends.tvm.conv_schedule import conv_tile
+
+    # cnn-digits' second conv on AVX2: 8 pixels x 32 channels; 6 pixels do not divide 8, so 4 x 2 vectors
+    # (8 loads, 8 FMAs per step) against 8 x 1 (9 loads, 8 FMAs)
+    assert conv_tile(8, 32, 8, 16) == (4, 2, 8)
+    assert conv_tile(64, 1, 8, 16) == (8, 1, 1)  # one output channel (gdnet-lite's last): scalar, 8 pixels
+    assert conv_tile(15, 40, 8, 16, span=10) == (5, 2, 5)  # vectors of 5 stay inside groups of 10
+
+
+def test_naive_schedules_keep_nchw():
+    """schedule=False (TVM's naive loops, for comparisons) leaves the layout alone."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    built = backends.compile(capture(model, (x,), name="naive"), "llvm", schedule=False)
+    with torch.no_grad():
+        assert (built(x) - model(x)).abs().max().item() < 1e-5
