@@ -98,3 +98,20 @@ def test_naive_schedules_keep_nchw():
     built = backends.compile(capture(model, (x,), name="naive"), "llvm", schedule=False)
     with torch.no_grad():
         assert (built(x) - model(x)).abs().max().item() < 1e-5
+
+
+def test_ragged_output_channels_are_padded_to_whole_vectors(tmp_path):
+    """A rank-11 conv (as low-rank makes them) computes 16 channels over zero-padded weights (padded at
+    load) and slices 11, instead of running with one lane."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 11, 3, padding=2, dilation=2, bias=False), nn.Conv2d(11, 16, 1),
+                          nn.ReLU()).eval()
+    x = torch.randn(2, 32, 16, 16)
+    built = backends.compile(capture(model, (x,), name="ragged"), "llvm", dump_ir=tmp_path)
+    with torch.no_grad():
+        assert (built(x) - model(x)).abs().max().item() < 1e-5
+    script = (tmp_path / "02_scheduled.tir.py").read_text()
+    transform = script[script.index("def main_transform_params"):script.index("def main(")]
+    assert "R.nn.pad" in transform or "pad" in transform  # the weight padding runs once, at load
+    assert re.search(r"T\.Buffer\(\(T\.int64\(3\), T\.int64\(3\), T\.int64\(32\), T\.int64\(16\)\)", script)
+    assert script.count('"conv-dense"') == 4  # both convs, init and update

@@ -138,7 +138,9 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
     if direct_conv is None:
         direct_conv = target.kind.name == "llvm" and fast_math
     if direct_conv and _calls(mod, "relax.nn.conv2d"):  # NHWC activations, HWIO weights (at load): conv_schedule
-        packing = [relax.transform.ConvertLayout(NHWC_LAYOUTS), *packing]
+        from fxpress.backends.tvm.conv_schedule import PadConvChannels
+
+        packing = [relax.transform.ConvertLayout(NHWC_LAYOUTS), PadConvChannels(target), *packing]
     seq = tvm.transform.Sequential([*packing, relax.transform.LiftTransformParams(),
                                     *_legalize_and_fuse(fast_math)])
     with target:
