@@ -33,11 +33,10 @@ import logging
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
 from tvm.target import Target
 
-from fxpress.backends.tvm.schedule_utils import (extent, has_root_block, is_cpu, root_block, vector_bits,
-                                                 vector_lanes)
+from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, rewrite_relax_functions,
+                                                 vector_bits, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +98,9 @@ class PadConvChannels:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutator = _PadChannelsMutator(mod, self.lanes)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                before = mutator.padded
-                new_func = mutator.visit_expr(func)
-                if mutator.padded != before:
-                    mutator.builder_.update_func(gv, new_func)
+        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
         log.debug("padded the output channels of %d convolutions", mutator.padded)
-        return mutator.builder_.get()
+        return mod
 
 
 # -- TIR: the schedule ------------------------------------------------------------------------------
@@ -217,13 +211,10 @@ class DirectConv(ScheduleRule):
     """NHWC conv2d (dense, grouped, depthwise) as a register-tiled direct convolution (module doc)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
+        found = cpu_main_reduction(func, target, only=True)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
-        if reductions is None or len(reductions) != 1:
-            return None
-        main = reductions[0]
+        sch, main = found
         pattern = _conv_pattern(sch.get(main))
         if pattern is None:
             return None
@@ -234,8 +225,7 @@ class DirectConv(ScheduleRule):
                 return sch
             except Exception as err:  # noqa: BLE001 - a primitive refused: the plain tile below
                 log.debug("channel-sum conv skipped %s: %s", name, err)
-                sch = s_tir.Schedule(func)
-                main = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))[0]
+                sch, main = cpu_main_reduction(func, target, only=True)
         try:
             self._schedule(sch, main, *pattern, target)
         except Exception as err:  # noqa: BLE001 - a primitive refused: leave the function to the other rules

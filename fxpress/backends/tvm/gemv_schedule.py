@@ -29,11 +29,11 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
-from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_reduction_blocks
+from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers
 from tvm.target import Target
 
-from fxpress.backends.tvm.schedule_utils import (has_root_block, is_cpu, multiply_add_reads, root_block, vector_bits,
-                                                 vector_factor, vector_lanes)
+from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, multiply_add_reads, rewrite_relax_functions,
+                                                 vector_bits, vector_factor, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,16 @@ class PackGemvWeights:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutator = _PackGemvMutator(mod, self.vector_bits)
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function) or not func.attrs or "num_input" not in func.attrs:
-                continue
+
+        def weights_of(func) -> bool:  # parameters after the inputs are weights
+            if not func.attrs or "num_input" not in func.attrs:
+                return False
             mutator.weights = list(func.params[int(func.attrs["num_input"]):])
-            before = mutator.packed
-            new_func = mutator.visit_expr(func)
-            if mutator.packed != before:
-                mutator.builder_.update_func(gv, new_func)
+            return True
+
+        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.packed, weights_of)
         log.debug("packed the weights of %d single-row matmuls", mutator.packed)
-        return mutator.builder_.get()
+        return mod
 
 
 # -- the schedule (TIR) ----------------------------------------------------------------------------
@@ -188,13 +188,10 @@ class GEMV(ScheduleRule):
     """Single-row matmul: parallel column panels, partial sums in registers, weights streamed once."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
+        found = cpu_main_reduction(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
-        if reductions is None:
-            return None
-        main = reductions[0]
+        sch, main = found
         try:
             auto_inline_producers(sch, main)
             pattern = match_gemv(sch, main)

@@ -84,3 +84,36 @@ def vector_factor(size, lanes: int) -> int | None:
         if size % factor == 0:
             return factor
     return None
+
+
+def cpu_main_reduction(func, target: Target, only: bool = False):
+    """(schedule, first reduction block) of a TIR function a CPU rule may take, else None.
+
+    None for anything but a PrimFunc with a root block on an llvm target, for functions without a
+    reduction and, with `only`, for functions with more than one.
+    """
+    from tvm.s_tir.dlight.gpu.matmul import get_reduction_blocks
+
+    if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
+        return None
+    sch = s_tir.Schedule(func)  # checks stay on: unchecked reverse_compute_at misplaced epilogues
+    reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
+    if reductions is None or (only and len(reductions) != 1):
+        return None
+    return sch, reductions[0]
+
+
+def rewrite_relax_functions(mod, mutator, count, prepare=None):
+    """Run a Relax `mutator` over the Relax functions of `mod`; return the module with the functions where
+    `count()` (the mutator's rewrite counter) grew replaced.  `prepare(func)`, when given, readies the
+    mutator for one function and returns False to leave it alone."""
+    from tvm import relax
+
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or (prepare is not None and not prepare(func)):
+            continue
+        before = count()
+        new_func = mutator.visit_expr(func)
+        if count() != before:
+            mutator.builder_.update_func(gv, new_func)
+    return mutator.builder_.get()

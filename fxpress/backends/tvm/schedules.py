@@ -23,12 +23,11 @@ import logging
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.sym.analyzer import Analyzer
-from tvm.s_tir.dlight.gpu.matmul import (auto_inline_consumers, auto_inline_producers, get_index_map,
-                                         get_reduction_blocks)
+from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_index_map
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
-from fxpress.backends.tvm.schedule_utils import (extent, is_cpu, multiply_add_reads, pick_factor,
+from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, is_cpu, multiply_add_reads, pick_factor,
                                                  has_root_block, root_block, vector_lanes)
 
 log = logging.getLogger(__name__)
@@ -42,13 +41,10 @@ class Matmul(ScheduleRule):
     """Register-blocked matmul with packing and fused epilogue."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target) or not has_root_block(func):
+        found = cpu_main_reduction(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)  # checks stay on: unchecked reverse_compute_at misplaced epilogues
-        reductions = get_reduction_blocks(sch, sch.get_child_blocks(root_block(sch)))
-        if reductions is None:
-            return None
-        main = reductions[0]
+        sch, main = found
         stmt = sch.get(main)
         if not multiply_add_reads(stmt) or get_index_map(stmt) is None:
             return None
