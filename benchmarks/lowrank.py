@@ -36,7 +36,7 @@ from fxpress.passes import PassContext, PassManager
 from fxpress.zoo import list_models, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.table import print_rows  # noqa: E402
+from benchmarks.table import print_rows, start_run  # noqa: E402
 
 log = logging.getLogger("benchmarks.lowrank")
 
@@ -169,11 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill-steps", type=int, help="distill steps per row (default 40, --quick 8; 0: none)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    start_run(log, args.threads)
     settings = Settings(**QUICK) if args.quick else Settings()
     settings.models = tuple(args.models.split(","))
     for name, value in (("max_items", args.max_items), ("blocks", args.blocks), ("distill_steps", args.distill_steps)):

@@ -49,7 +49,7 @@ from fxpress.passes.quant.quantize import Quantize, layer_weight
 from fxpress.zoo import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.table import print_rows, thread_ms  # noqa: E402
+from benchmarks.table import print_rows, start_run, thread_ms  # noqa: E402
 
 log = logging.getLogger("benchmarks.quant")
 
@@ -402,11 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-items", type=int, help="MiniLM stdlib-docs pairs (default 400, quick 100)")
     parser.add_argument("--steps-scale", type=float, help="scale every training row's steps (quick 0.05)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[%(asctime)s] %(message)s",
-                        datefmt="%H:%M:%S")
-    log.setLevel(logging.INFO)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+    start_run(log, 1)
     settings = Settings(**QUICK) if args.quick else Settings()
     settings.models = tuple(args.only.split(","))
     for name, value in (("blocks", args.blocks), ("max_items", args.max_items), ("steps_scale", args.steps_scale)):

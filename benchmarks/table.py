@@ -1,13 +1,26 @@
-"""What the benchmark scripts share: the aligned table they print, and thread-time medians.
+"""What the benchmark scripts share: run set-up, the aligned table they print, and thread-time medians.
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.table import print_rows, thread_ms
+    from benchmarks.table import print_rows, start_run, thread_ms
 """
 from __future__ import annotations
 
+import logging
 import statistics
+import sys
 import time
 from typing import Any, Callable
+
+import torch
+
+
+def start_run(log: logging.Logger, threads: int = 1) -> None:
+    """Progress lines from `log` on stderr with a clock, `threads` torch threads, seed 0."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[%(asctime)s] %(message)s",
+                        datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
 
 
 def print_rows(rows: list[dict], fields: list[str], fmt: Callable[[Any], str]) -> None:

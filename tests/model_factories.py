@@ -198,3 +198,14 @@ def skip_layers(model: nn.Module, removed: list[int]) -> nn.Module:
     setattr(container_owner, attr, nn.ModuleList(m for i, m in enumerate(layers) if i not in removed))
     inner.config.num_hidden_layers = len(layers) - len(removed)
     return reference.eval()
+
+
+class TuningBlock(nn.Module):
+    """A linear, GELU and softmax: three small functions for MetaSchedule to tune (local and over RPC)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return nn.functional.gelu(self.fc(x)).softmax(-1)

@@ -18,20 +18,12 @@ import torch
 from fxpress import backends
 from fxpress.errors import LoweringError
 from fxpress.ir import capture
+from model_factories import TuningBlock as Block
 
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado")
 
 TRIALS = 4
 KEY = "fxpress-test"
-
-
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(64, 64)
-
-    def forward(self, x):
-        return torch.nn.functional.gelu(self.fc(x)).softmax(-1)
 
 
 def free_port() -> int:

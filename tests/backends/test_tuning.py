@@ -14,17 +14,9 @@ import torch
 from fxpress import backends
 from fxpress.errors import LoweringError
 from fxpress.ir import capture
+from model_factories import TuningBlock as Block
 
 TRIALS = 8
-
-
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(64, 64)
-
-    def forward(self, x):
-        return torch.nn.functional.gelu(self.fc(x)).softmax(-1)
 
 
 @pytest.fixture(scope="module")
