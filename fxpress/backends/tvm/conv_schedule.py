@@ -25,6 +25,14 @@ its input channel stays one broadcast value.
 
 An epilogue that reads the output at plain indices (a bias, an activation) is computed from
 the tile's registers; others stay a vectorized loop nest of their own.
+
+Two shapes need more than the tile.  Output channels that are not a multiple of the vector
+(the rank-7/10/11 factors ``low-rank`` makes) would run on fewer lanes, down to one:
+:class:`PadConvChannels` (a Relax rewrite before ``LiftTransformParams``) zero-pads the weight
+to whole vectors at load time and slices the output.  A head with fewer output channels than
+half a vector (a depth map or an image: 1-3 channels) puts the lanes over the input channels
+instead: each lane sums its own channels (``rfactor``) for a row of pixels held in registers,
+and the lanes are added per tile (:meth:`DirectConv._schedule_channel_sums`).
 """
 from __future__ import annotations
 
