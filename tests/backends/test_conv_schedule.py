@@ -75,7 +75,7 @@ def test_conv_tile_fits_the_registers_and_divides_the_row(width, channels, lanes
     from fxpress.backends.tvm.conv_schedule import conv_tile
 
     registers = 32 if lanes >= 16 else 16
-    pixels, vectors, vector = conv_tile(width, channels, lanes, registers, span)
+    pixels, vectors, vector = conv_tile(width, channels, lanes, span)
     assert width % pixels == 0 and channels % (vectors * vector) == 0
     assert (span or channels) % vector == 0 and vector <= lanes
     assert pixels * vectors + vectors + 1 <= registers - (2 if registers > 16 else 1)
@@ -86,9 +86,9 @@ def test_conv_tile_by_hand():
 
     # cnn-digits' second conv on AVX2: 8 pixels x 32 channels; 6 pixels do not divide 8, so 4 x 2 vectors
     # (8 loads, 8 FMAs per step) against 8 x 1 (9 loads, 8 FMAs)
-    assert conv_tile(8, 32, 8, 16) == (4, 2, 8)
-    assert conv_tile(64, 1, 8, 16) == (8, 1, 1)  # one output channel (gdnet-lite's last): scalar, 8 pixels
-    assert conv_tile(15, 40, 8, 16, span=10) == (5, 2, 5)  # vectors of 5 stay inside groups of 10
+    assert conv_tile(8, 32, 8) == (4, 2, 8)
+    assert conv_tile(64, 1, 8) == (8, 1, 1)  # one output channel (gdnet-lite's last): scalar, 8 pixels
+    assert conv_tile(15, 40, 8, span=10) == (5, 2, 5)  # vectors of 5 stay inside groups of 10
 
 
 def test_naive_schedules_keep_nchw():

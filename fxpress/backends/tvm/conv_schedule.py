@@ -45,13 +45,14 @@ from tvm.target import Target
 
 from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, rewrite_relax_functions,
                                                  vector_bits, vector_lanes)
+from fxpress.backends.tvm.schedules import (ACCUMULATORS, _inline_plain_epilogue, _schedule_copy,
+                                            _vectorize_innermost, register_budget)
 
 log = logging.getLogger(__name__)
 
 ANNOTATION = "fxpress.schedule"
 MAX_PIXELS = 12  # the widest pixel tile (unrolled)
 MAX_VECTORS = 4  # the widest channel tile, in vectors
-LATENCY_CHAINS = 16  # independent FMA chains that hide the FMA latency (as schedules.ACCUMULATORS)
 
 
 # -- Relax: ragged output channels get whole vectors -----------------------------------------------
@@ -165,12 +166,8 @@ def _conv_pattern(stmt) -> tuple[str, int] | None:
 
 def _schedule_padding(sch: s_tir.Schedule, main, lanes: int) -> None:
     """The zero-padded input (the conv's producer): a parallel copy, vectorized along the channels."""
-    from fxpress.backends.tvm.schedules import _vectorize_innermost
-
     for producer in sch.get_producers(main):
-        loops = sch.get_loops(producer)
-        if len(loops) > 1:
-            sch.parallel(sch.fuse(*loops[:-1]))
+        _schedule_copy(sch, producer)
         _vectorize_innermost(sch, producer, lanes)
 
 
@@ -183,7 +180,7 @@ def _reduce_channels(sch: s_tir.Schedule, main, target: Target) -> bool:
             and channels < lanes // 2 and inputs % lanes == 0)
 
 
-def conv_tile(width, channels, lanes: int, registers: int, span: int | None = None) -> tuple[int, int, int] | None:
+def conv_tile(width, channels, lanes: int, span: int | None = None) -> tuple[int, int, int] | None:
     """(pixels, vectors, vector width) of the accumulator tile, or None when nothing fits.
 
     The vector width is the SIMD lanes when they divide `span` (the output channels, or a
@@ -197,7 +194,7 @@ def conv_tile(width, channels, lanes: int, registers: int, span: int | None = No
     span = channels if span is None else span
     vector = next((c for c in range(min(lanes, span), 0, -1) if span % c == 0 and channels % c == 0), 1)
     groups = channels // vector
-    budget = registers - (2 if registers > 16 else 1)
+    budget = register_budget(lanes)
     best, best_key = None, None
     for vectors in range(1, MAX_VECTORS + 1):
         if groups % vectors:
@@ -208,7 +205,7 @@ def conv_tile(width, channels, lanes: int, registers: int, span: int | None = No
             accumulators = pixels * vectors
             if accumulators + vectors + 1 > budget:
                 continue
-            cycles = max(accumulators, pixels + vectors, LATENCY_CHAINS) / accumulators
+            cycles = max(accumulators, pixels + vectors, ACCUMULATORS) / accumulators
             key = (round(cycles, 6), (pixels + vectors) / accumulators)
             if best_key is None or key < best_key:
                 best, best_key = (pixels, vectors, vector), key
@@ -249,8 +246,6 @@ class DirectConv(ScheduleRule):
         the lanes are added per tile at the end.  With the output channels as lanes, one channel
         was scalar code (gdnet-lite's last conv, 16 -> 1 channels: 0.44 GMAC/s).
         """
-        from fxpress.backends.tvm.schedules import _vectorize_innermost
-
         lanes = vector_lanes(target, sch.get(main))
         _schedule_padding(sch, main, lanes)
         n, y, x, f, ry, rx, rc = sch.get_loops(main)
@@ -278,13 +273,9 @@ class DirectConv(ScheduleRule):
 
     @staticmethod
     def _schedule(sch: s_tir.Schedule, main, pattern: str, span: int, target: Target) -> None:
-        from fxpress.backends.tvm.schedules import _inline_plain_epilogue, _vectorize_innermost
-
         lanes = vector_lanes(target, sch.get(main))
-        registers = 32 if lanes >= 16 else 16
-        loops = sch.get_loops(main)
-        n, y, x, f, *red = loops
-        tile = conv_tile(extent(sch, x), extent(sch, f), lanes, registers, span)
+        n, y, x, f, *red = sch.get_loops(main)
+        tile = conv_tile(extent(sch, x), extent(sch, f), lanes, span)
         if tile is None:
             raise ValueError("symbolic width or channels")
         pixels, vectors, vector = tile

@@ -119,6 +119,13 @@ class Matmul(ScheduleRule):
         _vectorize_innermost(sch, init, lanes)
 
 
+def register_budget(lanes: int) -> int:
+    """Vector registers a register tile (accumulators, B vectors, a broadcast) may take: 30 of the
+    32 AVX-512 registers for 16 fp32 lanes, else 15 of 16 (AVX2's 6 x 2 tile uses 15)."""
+    registers = 32 if lanes >= 16 else 16
+    return registers - (2 if registers > 16 else 1)
+
+
 def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[int, int]:
     """(rows, columns) of the C tile kept in vector registers while k runs.
 
@@ -134,7 +141,7 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
     is a known multiple (batch x 50 tokens: `row_multiple` 50) the row tile divides
     that multiple, so no row tile is partial and no predicate enters the update.
     """
-    registers = 32 if lanes >= 16 else 16
+    budget = register_budget(lanes)
     col_options = [lanes * v for v in (1, 2, 3, 4)]
     row_options = range(1, 13)
     if not isinstance(n_rows, int) and max(r for r in row_options if row_multiple % r == 0) >= 4:
@@ -144,13 +151,13 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
         vectors = max(cols // lanes, 1)
         for rows in row_options:
             accumulators = rows * vectors
-            if accumulators + vectors + 1 > registers - (2 if registers > 16 else 1):
+            if accumulators + vectors + 1 > budget:
                 continue
             work = _padded(n_rows, rows, 64) * _padded(n_cols, cols, 64)
             step_cycles = max(accumulators, rows + vectors, ACCUMULATORS)  # FMAs, loads, FMA latency
             cost = work / accumulators * step_cycles
             # ties: less padding, then fewer loads (16 registers: AVX2; the AVX-512 choices are kept as measured)
-            key = (cost, work, (rows + vectors) / accumulators) if registers == 16 else (cost,)
+            key = (cost, work, (rows + vectors) / accumulators) if lanes < 16 else (cost,)
             if best_cost is None or _better(key, best_cost):
                 best, best_cost = (rows, cols), key
     return best
