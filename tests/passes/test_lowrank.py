@@ -175,14 +175,45 @@ def test_asvd_beats_svd_at_equal_params_on_correlated_inputs():
 
 def test_energy_picks_a_rank_per_layer_and_min_gain_keeps_layers_dense():
     graph = fxpress.capture(Mlp().eval(), (torch.randn(4, 32),))
-    stats = checked("low-rank{energy=0.5,min_gain=0.0}").run(graph, PassContext()).reports[0].stats
+    stats = checked("low-rank{energy=0.5,min_gain=0.0,align=1}").run(graph, PassContext()).reports[0].stats
     for name, entry in stats["per_layer"].items():
         weight = graph.attribute(f"{name}.weight")
         assert entry["energy_kept"] >= 0.5 > energy(weight, entry["rank"] - 1)  # the smallest such rank
+        assert entry["energy_rank"] == entry["rank"]  # align=1: not rounded
     # random weights keep 99% energy only near full rank: no layer gets 10% fewer MACs
     report = checked("low-rank{energy=0.99}").run(graph, PassContext()).reports[0]
     assert not report.modified and "min_gain" in report.stats["left"]["fc1"]
     assert "no layer in scope gets at least min_gain" in report.stats["reason"]
+
+
+def test_align_rounds_energy_ranks_up_to_a_multiple_at_most_the_max_rank():
+    graph = fxpress.capture(Mlp().eval(), (torch.randn(4, 32),))
+    plain = checked("low-rank{energy=0.6,min_gain=-1}").run(graph, PassContext()).reports[0].stats["per_layer"]
+    assert {name: entry["rank"] for name, entry in plain.items()} == {"fc1": 10, "fc2": 12}  # by their spectra
+    for align, want in ((8, {"fc1": 16, "fc2": 16}), (5, {"fc1": 10, "fc2": 15}), (40, {"fc1": 32, "fc2": 40})):
+        result = checked(f"low-rank{{energy=0.6,min_gain=-1,align={align}}}").run(graph, PassContext())
+        stats = result.reports[0].stats
+        assert stats["align"] == align and {name: e["rank"] for name, e in stats["per_layer"].items()} == want
+        for name, entry in stats["per_layer"].items():
+            assert entry["energy_rank"] == plain[name]["rank"]  # what energy asked for, reported beside the rank
+            assert entry["rank"] % align == 0 or entry["rank"] == entry["max_rank"]  # fc1 at align=40: 32, its max
+            assert entry["energy_kept"] >= plain[name]["energy_kept"]  # rounding up never keeps less
+            assert entry["energy_kept"] == pytest.approx(energy(graph.attribute(f"{name}.weight"), entry["rank"]),
+                                                         abs=1e-5)
+            assert result.graph.attribute(f"{name}.weight_v").shape[0] == entry["rank"]
+
+
+def test_align_checks_min_gain_on_the_rounded_rank_and_leaves_explicit_ranks_alone():
+    graph = fxpress.capture(Mlp().eval(), (torch.randn(4, 32),))
+    unrounded = checked("low-rank{energy=0.6,min_gain=0.0}").run(graph, PassContext()).reports[0]
+    assert unrounded.stats["factorized"] == ["fc1", "fc2"]  # ranks 10 and 12 gain MACs
+    report = checked("low-rank{energy=0.6,min_gain=0.0,align=48}").run(graph, PassContext()).reports[0]
+    assert not report.modified  # rounded up to 32 and 48, their max ranks: more MACs than dense
+    assert report.stats["left"]["fc2"] == "rank 48 (energy's 12 rounded up to align=48) of 48 cuts MACs by -1.00 " \
+                                          "< min_gain=0.0"
+    stats = checked("low-rank{rank=5,align=8}").run(graph, PassContext()).reports[0].stats
+    assert {name: (e["rank"], e["energy_rank"]) for name, e in stats["per_layer"].items()} == \
+        {"fc1": (5, None), "fc2": (5, None)}  # rank= is used as given
 
 
 @settings(max_examples=6, deadline=None)
@@ -224,7 +255,10 @@ def test_bad_input_gets_one_clear_error():
                           ("low-rank{energy=0}", r"energy must be in \(0, 1\], got 0.0"),
                           ("low-rank{energy=1.5}", r"energy must be in \(0, 1\], got 1.5"),
                           ("low-rank{rank=4,energy=0.9}", "set rank or energy, not both"),
-                          ("low-rank{min_gain=1}", r"min_gain must be in \[-1, 1\)")):
+                          ("low-rank{min_gain=1}", r"min_gain must be in \[-1, 1\)"),
+                          ("low-rank{align=0}", r"align must be an integer >= 1 \(1: ranks as energy picks them\), "
+                                                r"got 0"),
+                          ("low-rank{energy=0.9,align=-8}", "align must be an integer >= 1 .*got -8")):
         with pytest.raises(OptionError, match=f"pass 'low-rank': {message}"):
             parse_pipeline(text)
     graph = fxpress.capture(Mlp().eval(), (torch.randn(4, 32),))
@@ -239,7 +273,7 @@ def test_bad_input_gets_one_clear_error():
         PassManager("low-rank{layers=fc9}").run(graph, PassContext())
     with pytest.raises(PreconditionError, match="no float linear or conv2d left to factorize.*run low-rank before"):
         PassManager("quantize{bits=4,group=16,head=true},low-rank").run(graph, PassContext())
-    text = "low-rank{rank=8,energy=None,method=asvd,layers=fc1;fc2,min_gain=0.2,head=false,damp=0.01}"
+    text = "low-rank{rank=8,energy=None,method=asvd,layers=fc1;fc2,min_gain=0.2,head=false,damp=0.01,align=8}"
     assert str(parse_pipeline(text)[0]) == text
 
 

@@ -7,13 +7,18 @@ stride, padding and dilation on the first; the bias on the second).  The result 
 every backend runs it and `distill` trains both factors.
 
 - ``rank=R``: the same rank everywhere; ``energy=E`` (default 0.9 when neither is set): per layer the
-  smallest rank keeping E of the squared singular values (for asvd, of ||W X||^2 on the calibration).
+  smallest rank keeping E of the squared singular values (for asvd, of ||W X||^2 on the calibration),
+  rounded up to a multiple of ``align`` (at most the layer's max rank; default 1: no rounding), so that
+  the factors' inner dimension fills whole SIMD vectors (``align=8`` for AVX2 floats: the llvm conv
+  schedule zero-pads a rank-11 conv's channels to 16 anyway).  Rounding up only keeps more energy;
+  ``min_gain`` is checked on the rounded rank, so a layer it leaves with too little gain stays dense.
 - ``method=svd``: truncated SVD of W.  ``method=asvd``: whitened SVD on the calibration inputs
   (`factors.py`), minimizing ||(W - W') X|| instead of ||W - W'||; needs calibration batches.
 
-Stats per layer: rank (of the most it could be), energy kept, MACs and params before and after, and
-with calibration the output-error proxy ||(W - W') X|| / ||W X||; in total: what was factorized, what
-was left and why, MACs and params before and after.
+Stats per layer: rank (of the most it could be), energy_rank (what `energy` asked for, before rounding
+to `align`; None with `rank=`), energy kept, MACs and params before and after, and with calibration
+the output-error proxy ||(W - W') X|| / ||W X||; in total: what was factorized, what was left and why,
+`align`, MACs and params before and after.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class Plan:
     rank: int
     spectrum: Spectrum
     xtx: HessianSums | None
+    energy_rank: int | None = None  # the rank `energy` asked for, before rounding up to `align`
 
 
 @register_pass
@@ -66,6 +72,7 @@ class LowRank(Pass):
     min_gain: float = 0.1  # factorize only where MACs drop by at least this share (-1: always)
     head: bool = False  # factorize the head (the linear producing the output) too
     damp: float = 0.01  # asvd: added to the input covariance, relative to its mean diagonal
+    align: int = 1  # energy: round each rank up to a multiple of this (at most the max rank); 1: off
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.energy is not None:
@@ -78,6 +85,8 @@ class LowRank(Pass):
             raise self.bad_option(f"min_gain must be in [-1, 1), got {self.min_gain}")
         if not self.damp > 0:
             raise self.bad_option(f"damp must be > 0, got {self.damp}")
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise self.bad_option(f"align must be an integer >= 1 (1: ranks as energy picks them), got {self.align!r}")
 
     @property
     def target_energy(self) -> float | None:
@@ -155,7 +164,7 @@ class LowRank(Pass):
             new.masks.pop(path, None)
         new.recompile()
         return PassResult(new, modified=True, stats={
-            "factorized": list(per_layer), "method": self.method, "left": left,
+            "factorized": list(per_layer), "method": self.method, "align": self.align, "left": left,
             "macs_before": graph.macs, "macs_after": new.macs,
             "params_before": graph.num_params, "params_after": new.num_params, "per_layer": per_layer})
 
@@ -166,16 +175,20 @@ class LowRank(Pass):
             return None, "no calibration batch reached its input"
         whitening = Whitening.from_xtx(xtx.xtx, xtx.rows, self.damp) if self.method == "asvd" else None
         spectrum = Spectrum.of(layer.matrix(graph), whitening)
+        energy_rank = None
         if self.rank is not None:
             if self.rank > layer.max_rank:
                 return None, f"rank={self.rank} is above min(out, in) = {layer.max_rank}"
             rank = self.rank
         else:
-            rank = spectrum.rank_for_energy(self.target_energy)
+            energy_rank = spectrum.rank_for_energy(self.target_energy)
+            rank = aligned_rank(energy_rank, self.align, layer.max_rank)
         gain = 1.0 - layer.cost_ratio(rank)
         if gain < self.min_gain:
-            return None, f"rank {rank} of {layer.max_rank} cuts MACs by {gain:.2f} < min_gain={self.min_gain}"
-        return Plan(layer, rank, spectrum, xtx), ""
+            rounded = f" (energy's {energy_rank} rounded up to align={self.align})" if rank != energy_rank else ""
+            return None, (f"rank {rank}{rounded} of {layer.max_rank} cuts MACs by {gain:.2f} "
+                          f"< min_gain={self.min_gain}")
+        return Plan(layer, rank, spectrum, xtx, energy_rank), ""
 
     def input_statistics(self, graph: Graph, layers: list[Layer], ctx: PassContext) -> dict[tuple, HessianSums]:
         """X^T X of every layer input (im2col patches for convs) on the calibration batches."""
@@ -238,6 +251,7 @@ class LowRank(Pass):
         stats: dict[str, Any] = {
             "kind": layer.kind, "shape": list(layer.shape), "rank": rank, "max_rank": layer.max_rank,
             "energy_kept": round(plan.spectrum.energy_kept(rank), 6),
+            "energy_rank": plan.energy_rank,
             "macs_before": macs_before, "macs_after": macs_after,
             "params_before": layer.out_features * layer.in_features, "params_after": u.numel() + v.numel()}
         if plan.xtx is not None:
@@ -246,6 +260,11 @@ class LowRank(Pass):
         log.debug("low-rank %s: rank %d of %d, energy %.4f, MACs %d -> %d", layer.name, rank, layer.max_rank,
                   stats["energy_kept"], macs_before, macs_after)
         return stats
+
+
+def aligned_rank(rank: int, align: int, max_rank: int) -> int:
+    """`rank` rounded up to a multiple of `align`, at most `max_rank`."""
+    return min(-(-rank // align) * align, max_rank)
 
 
 def _in(nodes: dict[str, Node], value: object) -> object:
