@@ -34,12 +34,13 @@ def measure_latency(fn: Callable[..., Any], inputs: tuple, *, warmup: int = 2, m
 
 
 def interleaved_latency(fns: dict[str, Callable[..., Any]], inputs: tuple, *, rounds: int = 5,
-                        budget_s: float = 0.4) -> dict[str, Latency]:
-    """Time several callables in alternating rounds so machine noise hits them alike."""
+                        budget_s: float = 0.4, min_runs: int = 3, warmup: int = 1) -> dict[str, Latency]:
+    """Time several callables in alternating rounds so machine noise hits them alike (each round:
+    `warmup` untimed calls, then timed calls until `budget_s`, at least `min_runs`)."""
     samples: dict[str, list[Latency]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(measure_latency(fn, inputs, warmup=1, min_runs=3, budget_s=budget_s))
+            samples[name].append(measure_latency(fn, inputs, warmup=warmup, min_runs=min_runs, budget_s=budget_s))
     return {name: Latency(median_ms=statistics.median(s.median_ms for s in runs),
                           min_ms=min(s.min_ms for s in runs), runs=sum(s.runs for s in runs))
             for name, runs in samples.items()}

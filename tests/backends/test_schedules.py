@@ -208,3 +208,51 @@ def test_epilogues_folded_into_the_tile_write_back_match_eager():
     compiled = backends.compile(capture(model, (x,), name="epilogues"), "llvm")
     for got, expected in zip(compiled(x), model(x)):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+class TokenMLP(torch.nn.Module):
+    """Linears over (batch, tokens, features): a ViT block's MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(40, 24)
+        self.fc2 = torch.nn.Linear(24, 40)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def _fused_relax(graph, dynamic: bool) -> str:
+    import tvm
+
+    from fxpress.backends.targets import host_cpu_target
+    from fxpress.backends.tvm.lowering import to_relax
+    from fxpress.backends.tvm.pipeline import fused_module
+
+    mod = fused_module(to_relax(graph, dynamic=dynamic).mod, tvm.target.Target(host_cpu_target()))
+    return mod.script()
+
+
+@pytest.mark.parametrize("tokens", [47, 13])
+def test_a_dynamic_batch_of_ragged_token_rows_runs_padded_rows_and_matches_eager(tokens):
+    """47 tokens (ToMe-merged 50): no row tile divides a symbolic batch x 47 rows, so the linears run
+    (batch, 48, K) and slice the result (schedules.PadTokenRows)."""
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    graph = capture(model, (torch.randn(2, tokens, 40),), dynamic=True, name="token-mlp")
+    padded = -(-tokens // 6) * 6
+    script = _fused_relax(graph, dynamic=True)
+    assert "pad" in script and "strided_slice" in script
+    assert f"T.int64({padded}), T.int64(40)" in script and f"T.int64({padded}), T.int64(24)" in script, script
+    compiled = backends.compile(graph, "llvm", dynamic=True)
+    for batch in (1, 3, 8):
+        x = torch.randn(batch, tokens, 40)
+        assert compiled(x).shape == (batch, tokens, 40)
+        assert (compiled(x) - model(x)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tokens,dynamic", [(47, False), (48, True)])
+def test_static_rows_and_whole_tiles_of_token_rows_are_not_padded(tokens, dynamic):
+    graph = capture(TokenMLP().eval(), (torch.randn(2, tokens, 40),), dynamic=dynamic, name="token-mlp")
+    script = _fused_relax(graph, dynamic=dynamic)
+    assert "pad" not in script and "strided_slice" not in script, script

@@ -19,8 +19,10 @@ Each rule takes a PrimFunc and returns a scheduled ``s_tir.Schedule`` or None
 from __future__ import annotations
 
 import logging
+import math
 
-from tvm import s_tir, tirx
+import tvm
+from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.sym.analyzer import Analyzer
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers, get_index_map
@@ -28,7 +30,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, is_cpu, multiply_add_reads, pick_factor,
-                                                 has_root_block, root_block, vector_lanes)
+                                                 has_root_block, rewrite_relax_functions, root_block, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,8 @@ class Matmul(ScheduleRule):
         if padded[1:3] == [1, 1] or not _strip_per_tile(sch, local, outer):
             _vectorize_innermost(sch, local, lanes)
             for consumer in sch.get_consumers(local):
-                _epilogue_per_tile(sch, consumer, outer, lanes)
+                # a padded C's epilogue stays a separate pass: per tile it wrote past the output
+                _epilogue_per_tile(sch, consumer, outer, lanes, row_tile * col_tile if padded[1:3] == [1, 1] else 0)
         Matmul._vectorize_update(sch, main, red, r_in, c_in, lanes, col_tile)
 
     @staticmethod
@@ -249,18 +252,47 @@ def _whole_axis(index, size, extents: dict) -> bool:
     return False
 
 
-def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int) -> None:
-    """The epilogue (bias, GELU, layout back to NCHW...) as its own parallel, vectorized loop nest.
+def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int, tile: int) -> None:
+    """The epilogue (bias, GELU, a slice of padded token rows...) under the tile loop when it computes
+    exactly the tile's `tile` elements there, else as its own parallel, vectorized loop nest.
 
-    Not under the tile loop: when the normalized rows fuse several output dims (a conv's
-    n*h*w, a linear's batch*seq) reverse_compute_at covered a bounding box larger than the
-    tile and read rows not yet computed (NaN on vit-mnist at batch 8).
+    When the normalized rows fuse several output dims (a conv's n*h*w, a linear's batch*seq) and a
+    tile straddles them, reverse_compute_at covers a bounding box larger than the tile and reads rows
+    not yet computed (NaN on vit-mnist at batch 8): tried on a copy of the schedule first, it is kept
+    only when the epilogue's loops under the tile span exactly the tile.  A dynamic batch of padded
+    token rows (batch x 48, tiles of 6: :class:`PadTokenRows`) passes; as a separate pass its
+    epilogue re-read and re-wrote a 9 MB output per linear of a width-192 ViT at batch 64.
     """
-    del outer
-    loops = sch.get_loops(consumer)
-    if len(loops) > 1:
-        sch.parallel(sch.fuse(*loops[:-1]))
+    if tile and _spans_the_tile(sch.copy(), consumer, outer, tile):
+        sch.reverse_compute_at(consumer, outer, preserve_unit_loops=True)
+    else:
+        loops = sch.get_loops(consumer)
+        if len(loops) > 1:
+            sch.parallel(sch.fuse(*loops[:-1]))
     _vectorize_innermost(sch, consumer, lanes)
+
+
+def _spans_the_tile(trial: s_tir.Schedule, consumer, outer, tile: int) -> bool:
+    """Whether `consumer` moved under `outer` runs exactly `tile` iterations there.  Not when it
+    has a predicate of its own (a slice of padded rows: ``T.where(v1 < 13)`` over 18 rows), which
+    reverse_compute_at replaced by the tile's bounds, writing past the output."""
+    loops = trial.get_loops(consumer)
+    realize = trial.get(loops[-1]).body if loops else None
+    predicate = getattr(realize, "predicate", None)
+    if not (isinstance(predicate, tirx.IntImm) and int(predicate) == 1):
+        return False
+    try:
+        trial.reverse_compute_at(consumer, outer, preserve_unit_loops=True)
+    except Exception as err:  # noqa: BLE001 - not computable per tile
+        log.debug("epilogue kept separate: %s", err)
+        return False
+    loops = trial.get_loops(consumer)
+    anchor = trial.get(outer)
+    position = next((i for i, loop in enumerate(loops) if trial.get(loop).same_as(anchor)), None)
+    if position is None:
+        return False
+    extents = [extent(trial, loop) for loop in loops[position + 1:]]
+    return all(isinstance(e, int) for e in extents) and math.prod(extents) == tile
 
 
 def _reads_k_innermost(stmt, index: int) -> bool:
@@ -325,6 +357,84 @@ class Injective(ScheduleRule):
         return sch
 
 
+# -- Relax: token rows of a dynamic batch pad to whole tiles -------------------------------------------
+
+ROW_PAD = 6  # a padded token count is a multiple of 6: row tiles of 6 (AVX2), 12 and 8 (AVX-512 with 48)
+
+
+def pads_rows(tokens: int) -> bool:
+    """Whether `tokens` rows per batch item pad: all but multiples of ROW_PAD.  The tiles dividing
+    them are slower: 47, 197 or 41 rows have none of 4 or more, and a 44-row feed-forward matmul of
+    a width-192 ViT (tiles dividing 44) took 28 ms at batch 64, padded to 48 rows 16 ms."""
+    return tokens % ROW_PAD != 0
+
+
+@relax.expr_functor.mutator
+class _PadRowsMutator(relax.PyExprMutator):
+    """A linear over a dynamic batch of T token rows that no tile of ROW_PAD divides computes T' padded rows.
+
+    ``matmul(reshape(x, (n * T, K)), W)`` (a decomposed linear; or ``matmul(x, W)``), x ``(n, T, K)`` with
+    a symbolic batch n and W ``(K, N)`` -> ``reshape(strided_slice(matmul(pad(x, T'), W), T), (n * T, N))``.
+    The matmul rule sees the rows as one symbolic extent n * T, which it cannot pad: only tiles dividing T
+    are whole, and with T prime (197 tokens, 47 after merging) every row tile was partial, with a predicate
+    in each update; a dynamic-batch ViT ran 2x slower than its static build.  The pad and the slice copy
+    activations (T'·K and T·N values) against T'·K·N multiply-adds.
+    """
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.padded = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") != "relax.matmul":
+            return call
+        rows, weight = call.args
+        w_shape = _shape_of(weight)
+        if w_shape is None or len(w_shape) != 2 or not all(isinstance(v, tirx.IntImm) for v in w_shape):
+            return call
+        x, flat = rows, False
+        bound = self.lookup_binding(rows) if isinstance(rows, relax.Var) else None
+        if (len(_shape_of(rows) or ()) == 2 and isinstance(bound, relax.Call)
+                and getattr(bound.op, "name", "") == "relax.reshape"):
+            x, flat = bound.args[0], True
+        x_shape = _shape_of(x)
+        if x_shape is None or len(x_shape) != 3:
+            return call
+        batch, tokens, _ = x_shape
+        if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) or not pads_rows(int(tokens)):
+            return call
+        tokens = int(tokens)
+        padded = -(-tokens // ROW_PAD) * ROW_PAD
+        columns = w_shape[1]
+        bb = self.builder_
+        x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
+        if flat:
+            x = bb.emit(relax.op.reshape(x, (batch * padded, x_shape[2])))
+        product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
+        if flat:
+            product = bb.emit(relax.op.reshape(product, (batch, padded, columns)))
+        sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
+        self.padded += 1
+        return relax.op.reshape(bb.emit(sliced), (batch * tokens, columns)) if flat else sliced
+
+
+def _shape_of(expr) -> list | None:
+    return getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.PadTokenRows")
+class PadTokenRows:
+    """Dynamic-batch linears over a token count no row tile divides compute padded rows (see
+    :class:`_PadRowsMutator`); runs before fusion."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _PadRowsMutator(mod)
+        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
+        log.debug("padded the token rows of %d matmuls", mutator.padded)
+        return mod
+
+
 def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
     """The rules ApplyDefaultSchedule tries on llvm targets, most specific first.
 
@@ -340,4 +450,4 @@ def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
     return [*([GEMV()] if gemv else []), DirectConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective()]
 
 
-__all__ = ["Injective", "Matmul", "cpu_rules", "llvm_get_vector_width"]
+__all__ = ["Injective", "Matmul", "PadTokenRows", "cpu_rules", "llvm_get_vector_width"]
