@@ -256,3 +256,20 @@ def test_static_rows_and_whole_tiles_of_token_rows_are_not_padded(tokens, dynami
     graph = capture(TokenMLP().eval(), (torch.randn(2, tokens, 40),), dynamic=dynamic, name="token-mlp")
     script = _fused_relax(graph, dynamic=dynamic)
     assert "pad" not in script and "strided_slice" not in script, script
+
+
+def test_a_larger_than_l2_runs_in_row_blocks_that_divide_its_tiles_and_matches_eager():
+    from tvm import tirx
+
+    from fxpress.backends.tvm.schedules import A_BLOCK_BYTES, _row_block
+
+    assert _row_block(tirx.IntImm("int64", 10), 64, 6) is None  # 60 x 64 floats fit
+    block = _row_block(tirx.IntImm("int64", 2101), 384, 6)  # 12,606 rows of 384 (a ViT-S at batch 64)
+    assert 2101 % block == 0 and 1 < block and block * 6 * 384 * 4 <= A_BLOCK_BYTES
+    assert _row_block(tirx.Var("n", "int64") * 8, 384, 6) is None  # symbolic rows: not blocked
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 96).eval()
+    x = torch.randn(2, 1000, 256)  # 2000 rows of A: 2 MB
+    graph = capture(model, (x,), name="big-a")
+    compiled = backends.compile(graph, "llvm")
+    assert (compiled(x) - model(x)).abs().max().item() < 1e-4
