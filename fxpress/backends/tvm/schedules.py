@@ -289,7 +289,7 @@ def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int, tile: i
     not yet computed (NaN on vit-mnist at batch 8): tried on a copy of the schedule first, it is kept
     only when the epilogue's loops under the tile span exactly the tile.  A dynamic batch of padded
     token rows (batch x 48, tiles of 6: :class:`PadTokenRows`) passes; on a width-192 ViT at batch 64
-    that measured no faster than the separate pass (whose 9 MB output per linear stays in L3).
+    that measured no faster than the separate pass.
     """
     if tile and _spans_the_tile(sch.copy(), consumer, outer, tile):
         sch.reverse_compute_at(consumer, outer, preserve_unit_loops=True)
