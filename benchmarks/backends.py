@@ -37,7 +37,8 @@ from fxpress import backends
 from fxpress.errors import LoweringError
 from fxpress.ir import capture
 from fxpress.passes import PassManager
-from fxpress.utils.timing import interleaved_latency
+from fxpress.ir.numerics import compare_outputs
+from fxpress.utils.timing import interleaved_latency, measure_latency
 from fxpress.generation.decoder import DecoderStep
 from fxpress.zoo import load_model
 from fxpress.zoo.vit import ViTConfig, VisionTransformer
@@ -163,20 +164,6 @@ def build_backends(bench: BenchModel, tune_trials: int, tuning_dir: str | None =
     return built
 
 
-def max_error(got, expected) -> float:
-    """Largest absolute difference over every output tensor."""
-    got = got if isinstance(got, (tuple, list)) else (got,)
-    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-    return max((a - b).abs().max().item() for a, b in zip(got, expected, strict=True))
-
-
-def call_seconds(fn, inputs: tuple) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        fn(*inputs)
-    return time.perf_counter() - start
-
-
 def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: int,
             tuning_dir: str | None = None, batch: int = IMAGE_BATCH, skip: frozenset = frozenset()) -> list[dict]:
     spec, _, pipeline = model_name.partition("+")
@@ -186,8 +173,8 @@ def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: 
     inputs = bench.inputs
     with torch.no_grad():
         reference = built["eager"][0](*inputs)
-    # heavy configurations (a second or more per call) get single timed calls per round
-    heavy = call_seconds(built["eager"][0], inputs) > 0.3
+    # heavy configurations (0.3 s or more per eager call) get one timed call per round
+    heavy = measure_latency(built["eager"][0], inputs, warmup=0, min_runs=1, max_runs=1).median_ms > 300
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -200,7 +187,7 @@ def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: 
         ort_ms = latency["onnxruntime"].median_ms if "onnxruntime" in latency else None
         for name, (fn, compile_s) in built.items():
             with torch.no_grad():
-                error = max_error(fn(*inputs), reference)
+                error = compare_outputs(reference, fn(*inputs)).max_abs
             rows.append({"model": model_name, "backend": name, "threads": threads,
                          "latency_ms": round(latency[name].median_ms, 4),
                          "ratio_to_eager": round(latency[name].median_ms / eager_ms, 3),
