@@ -88,6 +88,9 @@ def test_register_tile_on_avx2_is_not_load_bound():
 
     assert register_tile(28, 1536, 8) == (6, 16)
     assert register_tile(800, 192, 8) == (6, 16)  # ties with 12 x 1 on step cycles: fewer loads win
+    # 12 x 1 pads 197 x 197 attention scores least but ran 1.5x slower (13 loads per 12 FMAs)
+    assert register_tile(197, 197, 8) == register_tile(50, 50, 8) == (6, 16)
+    assert register_tile(8, 8, 8) == (8, 8)  # 6 x 2 would double the work of 8 columns
 
 
 def test_vector_bits_follow_the_isa_not_llvms_guess():
@@ -258,18 +261,63 @@ def test_static_rows_and_whole_tiles_of_token_rows_are_not_padded(tokens, dynami
     assert "pad" not in script and "strided_slice" not in script, script
 
 
-def test_a_larger_than_l2_runs_in_row_blocks_that_divide_its_tiles_and_matches_eager():
+def test_a_larger_than_l2_runs_in_row_blocks_padded_least_and_matches_eager():
     from tvm import tirx
 
     from fxpress.backends.tvm.schedules import A_BLOCK_BYTES, _row_block
 
-    assert _row_block(tirx.IntImm("int64", 10), 64, 6) is None  # 60 x 64 floats fit
-    block = _row_block(tirx.IntImm("int64", 2101), 384, 6)  # 12,606 rows of 384 (a ViT-S at batch 64)
-    assert 2101 % block == 0 and 1 < block and block * 6 * 384 * 4 <= A_BLOCK_BYTES
-    assert _row_block(tirx.Var("n", "int64") * 8, 384, 6) is None  # symbolic rows: not blocked
+    assert _row_block(60, 64, 6) is None  # 60 x 64 floats fit
+    block = _row_block(12606, 384, 6)  # 2,101 row tiles of 384 (a ViT-S at batch 64): 11 x 191, no padding
+    assert block == 11 and block * 6 * 384 * 4 <= A_BLOCK_BYTES
+    # 12,608 rows = 2,102 tiles = 2 x 1051: a block that divides would be 2 tiles (12 rows); a block
+    # near the budget pads a few tiles instead
+    block = _row_block(12608, 192, 6)
+    assert A_BLOCK_BYTES // 2 <= block * 6 * 192 * 4 <= A_BLOCK_BYTES and -(-2102 // block) * block - 2102 < 10
+    batch = tirx.Var("n", "int64")
+    assert _row_block(batch * 8, 384, 6, row_multiple=8) is None  # symbolic rows the tile does not divide
+    # a dynamic batch of 198-token rows: blocks divide the 33 tiles of one image (11 x 6 x 256 floats)
+    assert _row_block(batch * 198, 256, 6, row_multiple=198) == 11
     torch.manual_seed(0)
     model = torch.nn.Linear(256, 96).eval()
     x = torch.randn(2, 1000, 256)  # 2000 rows of A: 2 MB
     graph = capture(model, (x,), name="big-a")
     compiled = backends.compile(graph, "llvm")
     assert (compiled(x) - model(x)).abs().max().item() < 1e-4
+    x = torch.randn(2, 198, 256)
+    graph = capture(model, (x,), name="big-a-dynamic", dynamic={0: {0: "batch"}})
+    compiled = backends.compile(graph, "llvm", dynamic=True)
+    for images in (1, 3):
+        x = torch.randn(images, 198, 256)
+        assert (compiled(x) - model(x)).abs().max().item() < 1e-4
+
+
+class PrimeSoftmax(torch.nn.Module):
+    """Softmax over rows of 37 (a prime): no vector width divides the row."""
+
+    def forward(self, x):
+        return (x * 0.5).softmax(-1)
+
+
+def test_softmax_over_a_prime_row_runs_whole_vectors_and_a_scalar_tail():
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    from fxpress.backends.targets import host_cpu_target
+    from fxpress.backends.tvm.lowering import to_relax
+    from fxpress.backends.tvm.pipeline import fused_module
+    from fxpress.backends.tvm.schedules import cpu_rules
+
+    x = torch.randn(4, 6, 37, generator=torch.Generator().manual_seed(0)) * 4
+    graph = capture(PrimeSoftmax().eval(), (x,), name="prime_softmax")
+    target = tvm.target.Target(host_cpu_target())
+    mod = fused_module(to_relax(graph).mod, target)
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    [script] = [f.script() for gv, f in mod.functions_items()
+                if isinstance(f, tirx.PrimFunc) and "softmax" in gv.name_hint]
+    exp = script[script.index('T.sblock("T_softmax_exp'):]
+    assert "_partition" in script and "T.vectorized" in script[:script.index("T_softmax_exp")] + exp[:2000], script
+    compiled = backends.compile(graph, "llvm")
+    assert torch.allclose(compiled(x), graph.module(x), atol=1e-6, rtol=1e-5)
+

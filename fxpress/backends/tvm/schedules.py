@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 ROWS = 4  # MR, NR = lanes * MAX_COLUMN_VECTORS: the register tile when none fits (not expected)
 MAX_COLUMN_VECTORS = 2  # also the widest vector loop of copies and epilogues, in vectors
 ACCUMULATORS = 16  # enough independent FMA chains for two FMA ports of 4-cycle latency
+AVX2_LOAD_WEIGHT = 2  # measured: loads (A broadcasts, B vectors) cost twice an FMA in the AVX2 tile model
 
 
 class Matmul(ScheduleRule):
@@ -83,21 +84,22 @@ class Matmul(ScheduleRule):
     @staticmethod
     def _tile(sch: s_tir.Schedule, main, target: Target) -> None:
         lanes = vector_lanes(target, sch.get(main))
-        _, rows, cols, _ = sch.get_loops(main)
-        row_tile, col_tile = register_tile(extent(sch, rows), extent(sch, cols), lanes,
-                                           row_multiple=_constant_factor(sch.get(rows).extent))
-        padded = [1, _pad_to(extent(sch, rows), row_tile), _pad_to(extent(sch, cols), col_tile), 1]
+        _, rows, cols, red = sch.get_loops(main)
+        row_multiple = _constant_factor(sch.get(rows).extent)
+        row_tile, col_tile = register_tile(extent(sch, rows), extent(sch, cols), lanes, row_multiple=row_multiple)
+        block = _row_block(extent(sch, rows), extent(sch, red), row_tile, row_multiple)
+        row_pad = row_tile * (block or 1)  # whole blocks of whole row tiles
+        padded = [1, _pad_to(extent(sch, rows), row_pad), _pad_to(extent(sch, cols), col_tile), 1]
         if padded[1:3] != [1, 1]:
             sch.pad_einsum(main, padded)  # producers/consumers get padding blocks; no predicated tail
-            for block in sch.get_producers(main):
-                _schedule_copy(sch, block)
-                _vectorize_innermost(sch, block, lanes)
+            for producer in sch.get_producers(main):
+                _schedule_copy(sch, producer)
+                _vectorize_innermost(sch, producer, lanes)
             for strip in sch.get_consumers(main):  # the un-padding copy: fold the copies after it in
                 auto_inline_consumers(sch, strip)
         batch, rows, cols, red = sch.get_loops(main)
         r_out, r_in = sch.split(rows, [None, row_tile])
         c_out, c_in = sch.split(cols, [None, col_tile])
-        block = _row_block(sch.get(r_out).extent, extent(sch, red), row_tile)
         if block:  # A's rows in L2-sized blocks, every column panel over a block before the next one
             r_blk, r_sub = sch.split(r_out, [None, block])
             sch.reorder(batch, r_blk, c_out, r_sub, red, r_in, c_in)
@@ -131,22 +133,31 @@ class Matmul(ScheduleRule):
 A_BLOCK_BYTES = 192 * 1024  # the rows of A one block of column panels reads: well inside a 512 KB L2
 
 
-def _row_block(row_tiles, depth, row_tile: int) -> int | None:
-    """Row tiles per L2 block of A, or None when A fits, the sizes are symbolic or no block divides.
+def _row_block(rows, depth, row_tile: int, row_multiple: int = 1) -> int | None:
+    """Row tiles per L2 block of A, or None when A fits or no block helps.
 
     Column panels run outermost so a B panel stays in cache across row tiles; when A is larger than
     L2 each panel streamed all of A from memory again (a width-384 ViT at batch 64 x 197 tokens:
-    12,608 x 384 floats, 19 MB, read 72 times by its QKV matmul).  Blocks of A rows divide the row
-    tiles exactly, so no block is partial.  (Symbolic row counts keep the panel-outer order: not
-    measured with blocks.)
+    12,608 x 384 floats, 19 MB, read 72 times by its QKV matmul).  Static rows: the block between
+    half and all of ``A_BLOCK_BYTES`` that pads the row tiles least; rows are padded to whole blocks
+    (12,608 rows in tiles of 6 are 2,102 tiles, which only blocks of 2 divided: B was streamed
+    again every 12 rows).  Symbolic rows (a dynamic batch of 198-token rows, ``row_multiple``): the
+    largest block dividing the known factor, so no block is partial.
     """
-    if not isinstance(depth, int) or not isinstance(row_tiles, tirx.IntImm):
+    if not isinstance(depth, int):
         return None
-    tiles = int(row_tiles.value)
+    if not isinstance(rows, int):
+        if row_multiple % row_tile:
+            return None
+        tiles_per_factor = row_multiple // row_tile
+        fits = [d for d in range(2, tiles_per_factor + 1)
+                if tiles_per_factor % d == 0 and d * row_tile * depth * 4 <= A_BLOCK_BYTES]
+        return max(fits) if fits else None
+    tiles = -(-rows // row_tile)
     if tiles * row_tile * depth * 4 <= 2 * A_BLOCK_BYTES:
         return None
     target = max(A_BLOCK_BYTES // (4 * depth * row_tile), 1)
-    best = max(d for d in range(1, min(tiles, target) + 1) if tiles % d == 0)
+    best = min(range(max(target // 2, 1), target + 1), key=lambda block: (-(-tiles // block) * block, -block))
     return best if 1 < best < tiles else None
 
 
@@ -168,7 +179,10 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
     (ACCUMULATORS); the tile with the fewest such step cycles over the padded work
     wins (a 50-column attention matmul pads to 64, a 14-column one to 16, rather than
     running scalar code).  On AVX2, MiniLM's feed-forward matmuls ran 1.4x faster
-    with 6 x 2 than with the 10 x 1 a budget of 14 registers left.  A symbolic row count cannot be padded; when it
+    with 6 x 2 than with the 10 x 1 a budget of 14 registers left, and attention scores (197 x 197 x 64
+    per head, ViT batch 64) 1.5x faster with 6 x 2 than with the 12 x 1 that pads less: on AVX2 a
+    load counts twice an FMA (``AVX2_LOAD_WEIGHT``), so one-vector tiles (13 loads per 12 FMAs) lose
+    unless 6 x 2 would pad far more (8 columns).  A symbolic row count cannot be padded; when it
     is a known multiple (batch x 50 tokens: `row_multiple` 50) the row tile divides
     that multiple, so no row tile is partial and no predicate enters the update.
     """
@@ -185,7 +199,8 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
             if accumulators + vectors + 1 > budget:
                 continue
             work = _padded(n_rows, rows, 64) * _padded(n_cols, cols, 64)
-            step_cycles = max(accumulators, rows + vectors, ACCUMULATORS)  # FMAs, loads, FMA latency
+            loads = (rows + vectors) * (AVX2_LOAD_WEIGHT if lanes < 16 else 1)
+            step_cycles = max(accumulators, loads, ACCUMULATORS)  # FMAs, loads, FMA latency
             cost = work / accumulators * step_cycles
             # ties: less padding, then fewer loads (16 registers: AVX2; the AVX-512 choices are kept as measured)
             key = (cost, work, (rows + vectors) / accumulators) if lanes < 16 else (cost,)
