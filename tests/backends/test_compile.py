@@ -93,3 +93,29 @@ def test_tvm_thread_pool_follows_set_threads_up_to_every_cpu(compiled):
     finally:
         compiled_model.set_threads(1)
     assert pool_size() == 1
+
+
+class ConstantRamp(torch.nn.Module):
+    """Calls on constants alone (a scaled arange, a cumsum of ones): what FoldConstant folds."""
+
+    def forward(self, x):
+        return x + torch.arange(8, dtype=torch.float32) * 2 + torch.ones(8).cumsum(0)
+
+
+def test_llvm_folds_calls_on_constants_alone_and_skips_the_fold_without_them():
+    import tvm
+    from tvm import relax
+
+    from fxpress.backends.targets import host_cpu_target
+    from fxpress.backends.tvm.lowering import to_relax
+    from fxpress.backends.tvm.pipeline import _constant_only_call, fused_module
+
+    x = torch.randn(3, 8)
+    graph = capture(ConstantRamp().eval(), (x,), name="constant-ramp")
+    target = tvm.target.Target(host_cpu_target())
+    fused = fused_module(to_relax(graph).mod, target)
+    assert not _constant_only_call(fused)  # folded: main reads one constant vector
+    assert "cumsum" not in fused["main"].script() and "full" not in fused["main"].script()
+    assert (backends.compile(graph, "llvm")(x) - ConstantRamp()(x)).abs().max().item() < 1e-6
+    plain = capture(torch.nn.Linear(8, 4).eval(), (x,), name="linear")
+    assert not _constant_only_call(relax.transform.LegalizeOps()(to_relax(plain).mod))
