@@ -321,3 +321,27 @@ def test_softmax_over_a_prime_row_runs_whole_vectors_and_a_scalar_tail():
     compiled = backends.compile(graph, "llvm")
     assert torch.allclose(compiled(x), graph.module(x), atol=1e-6, rtol=1e-5)
 
+
+
+def test_attention_matmuls_take_operands_padded_to_whole_tiles_before_fusion(graph):
+    """13 tokens: q @ k^T and p @ v get whole register tiles from pads fused into their producers
+    (schedules.PadMatmulTiles), not padding copies and a predicated strip inside the matmul."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    from fxpress.backends.targets import host_cpu_target
+    from fxpress.backends.tvm.lowering import to_relax
+    from fxpress.backends.tvm.pipeline import fused_module
+    from fxpress.backends.tvm.schedules import cpu_rules
+
+    target = tvm.target.Target(host_cpu_target())
+    mod = fused_module(to_relax(graph).mod, target)
+    main = mod["main"].script()
+    assert main.count("_pad") >= 3, main  # q and k^T for the scores, the probabilities for p @ v
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    batched = [f.script() for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and "matmul" in gv.name_hint and "strided_slice" in gv.name_hint]
+    assert len(batched) == 2
+    assert all("_pad = T.sblock_alloc_buffer" not in script for script in batched), batched[0]

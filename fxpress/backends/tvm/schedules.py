@@ -478,6 +478,69 @@ class PadTokenRows:
         return mod
 
 
+@relax.expr_functor.mutator
+class _PadTilesMutator(relax.PyExprMutator):
+    """A batched matmul of two activations (attention scores ``q @ k^T``, ``p @ v``) whose static rows or
+    columns no register tile divides computes whole tiles of padded operands.
+
+    ``matmul(a (.., M, K), b (.., K, N))`` -> ``strided_slice(matmul(pad(a, M'), pad(b, N')), M, N)``
+    with M', N' the multiples of the tile :func:`register_tile` picks.  Inside the matmul function the
+    rule would pad with copies of both operands and copy each tile's valid part out with a scalar
+    predicated loop, which costs as much as the 64-deep FMA loop of an attention score tile; here
+    the pads fuse into the operands' producers (a transpose, the softmax) and the slice into the
+    consumer, so the matmul writes whole vector tiles.
+    """
+
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+        self.padded = 0
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") != "relax.matmul":
+            return call
+        a, b = call.args
+        a_shape, b_shape = _shape_of(a), _shape_of(b)
+        if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
+            return call
+        rows, cols = a_shape[-2], b_shape[-1]
+        if not isinstance(rows, tirx.IntImm) or not isinstance(cols, tirx.IntImm):
+            return call
+        rows, cols = int(rows), int(cols)
+        row_tile, col_tile = register_tile(rows, cols, self.lanes)
+        padded_rows, padded_cols = -(-rows // row_tile) * row_tile, -(-cols // col_tile) * col_tile
+        if (padded_rows, padded_cols) == (rows, cols):
+            return call
+        again = register_tile(padded_rows, padded_cols, self.lanes)
+        if padded_rows % again[0] or padded_cols % again[1]:  # the rule would pad once more
+            return call
+        bb = self.builder_
+        rank = len(a_shape)
+        if padded_rows != rows:
+            a = bb.emit(relax.op.nn.pad(a, [0] * (2 * rank - 3) + [padded_rows - rows, 0, 0]))
+        if padded_cols != cols:
+            b = bb.emit(relax.op.nn.pad(b, [0] * (2 * rank - 1) + [padded_cols - cols]))
+        product = bb.emit(relax.Call(call.op, [a, b], call.attrs))
+        self.padded += 1
+        return relax.op.strided_slice(product, [rank - 2, rank - 1], [0, 0], [rows, cols], assume_inbound=True)
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.PadMatmulTiles")
+class PadMatmulTiles:
+    """Batched activation matmuls with ragged static rows or columns compute whole register tiles
+    (see :class:`_PadTilesMutator`); runs before fusion."""
+
+    def __init__(self, lanes: int):
+        self.lanes = lanes
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _PadTilesMutator(mod, self.lanes)
+        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
+        log.debug("padded %d batched matmuls to whole tiles", mutator.padded)
+        return mod
+
+
 def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
     """The rules ApplyDefaultSchedule tries on llvm targets, most specific first.
 
@@ -493,4 +556,4 @@ def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
     return [*([GEMV()] if gemv else []), DirectConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective()]
 
 
-__all__ = ["Injective", "Matmul", "PadTokenRows", "cpu_rules", "llvm_get_vector_width"]
+__all__ = ["Injective", "Matmul", "PadMatmulTiles", "PadTokenRows", "cpu_rules", "llvm_get_vector_width"]
