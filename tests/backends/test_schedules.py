@@ -239,7 +239,7 @@ def _fused_relax(graph, dynamic: bool) -> str:
 @pytest.mark.parametrize("tokens", [47, 13])
 def test_a_dynamic_batch_of_ragged_token_rows_runs_padded_rows_and_matches_eager(tokens):
     """47 tokens (ToMe-merged 50): no row tile divides a symbolic batch x 47 rows, so the linears run
-    (batch, 48, K) and slice the result (schedules.PadTokenRows)."""
+    (batch, 48, K) and slice the result (schedules.PadMatmuls)."""
     torch.manual_seed(0)
     model = TokenMLP().eval()
     graph = capture(model, (torch.randn(2, tokens, 40),), dynamic=True, name="token-mlp")
@@ -325,7 +325,7 @@ def test_softmax_over_a_prime_row_runs_whole_vectors_and_a_scalar_tail():
 
 def test_attention_matmuls_take_operands_padded_to_whole_tiles_before_fusion(graph):
     """13 tokens: q @ k^T and p @ v get whole register tiles from pads fused into their producers
-    (schedules.PadMatmulTiles), not padding copies and a predicated strip inside the matmul."""
+    (schedules.PadMatmuls), not padding copies and a predicated strip inside the matmul."""
     import tvm
     from tvm import tirx
     from tvm.s_tir import dlight as dl

@@ -13,8 +13,8 @@ libm's expf/erff run one lane at a time), then adds, after fusion:
 
 Before lifting, single-row linears (batch-1 decode) take their weight packed
 in column panels (:mod:`.gemv_schedule`), and linears over a dynamic batch of
-token rows pad the rows to whole tiles (:class:`.schedules.PadTokenRows`), and so do the ragged
-rows and columns of attention matmuls (:class:`.schedules.PadMatmulTiles`).
+token rows pad the rows to whole tiles (:class:`.schedules.PadMatmuls`), and so do the ragged
+rows and columns of attention matmuls.
 
 ``LiftTransformParams`` runs first so weight-only work (transposes of
 linear weights, layout changes) moves to ``main_transform_params`` and runs
@@ -164,7 +164,7 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
     (``ConvertLayout``), for the direct convolution rule of :mod:`.conv_schedule`.
     """
     from fxpress.backends.tvm.gemv_schedule import PackGemvWeights
-    from fxpress.backends.tvm.schedules import PadMatmulTiles, PadTokenRows
+    from fxpress.backends.tvm.schedules import PadMatmuls
 
     if fast_math is None:
         fast_math = target.kind.name == "llvm"
@@ -172,10 +172,10 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
         gemv = target.kind.name == "llvm"
     packing = [PackGemvWeights(target)] if gemv else []
     if fast_math and target.kind.name == "llvm":  # llvm with fxpress's schedules: whole row tiles for a
-        # dynamic batch of token rows and for attention matmuls (schedules.PadTokenRows, PadMatmulTiles)
+        # dynamic batch of token rows and for attention matmuls (schedules.PadMatmuls)
         from fxpress.backends.tvm.schedule_utils import vector_bits
 
-        packing += [PadTokenRows(), PadMatmulTiles(vector_bits(target) // 32)]
+        packing.append(PadMatmuls(vector_bits(target) // 32))
     if direct_conv is None:
         direct_conv = target.kind.name == "llvm" and fast_math
     if direct_conv and _calls(mod, "relax.nn.conv2d"):  # NHWC activations, HWIO weights (at load): conv_schedule

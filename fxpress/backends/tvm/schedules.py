@@ -303,7 +303,7 @@ def _epilogue_per_tile(sch: s_tir.Schedule, consumer, outer, lanes: int, tile: i
     tile straddles them, reverse_compute_at covers a bounding box larger than the tile and reads rows
     not yet computed (NaN on vit-mnist at batch 8): tried on a copy of the schedule first, it is kept
     only when the epilogue's loops under the tile span exactly the tile.  A dynamic batch of padded
-    token rows (batch x 48, tiles of 6: :class:`PadTokenRows`) passes; on a width-192 ViT at batch 64
+    token rows (batch x 48, tiles of 6: :class:`PadMatmuls`) passes; on a width-192 ViT at batch 64
     that measured no faster than the separate pass.
     """
     if tile and _spans_the_tile(sch.copy(), consumer, outer, tile):
@@ -413,29 +413,42 @@ def pads_rows(tokens: int) -> bool:
 
 
 @relax.expr_functor.mutator
-class _PadRowsMutator(relax.PyExprMutator):
-    """A linear over a dynamic batch of T token rows, T not a multiple of ROW_PAD, computes T' padded rows.
+class _PadMatmulMutator(relax.PyExprMutator):
+    """Matmuls whose rows or columns no register tile divides compute whole tiles of padded operands
+    and slice the result: the linears of a dynamic batch of token rows (:meth:`_token_rows`) and
+    attention matmuls with static ragged sizes (:meth:`_tiles`)."""
 
-    ``matmul(reshape(x, (n * T, K)), W)`` (a decomposed linear; or ``matmul(x, W)``), x ``(n, T, K)`` with
-    a symbolic batch n and W ``(K, N)`` -> ``reshape(strided_slice(matmul(pad(x, T'), W), T), (n * T, N))``.
-    The matmul rule sees the rows as one symbolic extent n * T, which it cannot pad: only tiles dividing T
-    are whole, and with T prime (197 tokens, 47 after merging) every row tile was partial, with a predicate
-    in each update; a dynamic-batch ViT ran 2x slower than its static build.  The pad and the slice copy
-    activations (T'·K and T·N values) against T'·K·N multiply-adds.
-    """
-
-    def __init__(self, mod: tvm.IRModule):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
+        self.lanes = lanes
         self.padded = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
         if getattr(call.op, "name", "") != "relax.matmul":
             return call
+        padded = self._token_rows(call)
+        if padded is None:
+            padded = self._tiles(call)
+        if padded is None:
+            return call
+        self.padded += 1
+        return padded
+
+    def _token_rows(self, call: relax.Call):
+        """A linear over a dynamic batch of T token rows, T not a multiple of ROW_PAD, computes T' padded rows.
+
+        ``matmul(reshape(x, (n * T, K)), W)`` (a decomposed linear; or ``matmul(x, W)``), x ``(n, T, K)`` with
+        a symbolic batch n and W ``(K, N)`` -> ``reshape(strided_slice(matmul(pad(x, T'), W), T), (n * T, N))``.
+        The matmul rule sees the rows as one symbolic extent n * T, which it cannot pad: only tiles dividing T
+        are whole, and with T prime (197 tokens, 47 after merging) every row tile was partial, with a predicate
+        in each update; a dynamic-batch ViT ran 2x slower than its static build.  The pad and the slice copy
+        activations (T'·K and T·N values) against T'·K·N multiply-adds.
+        """
         rows, weight = call.args
         w_shape = _shape_of(weight)
         if w_shape is None or len(w_shape) != 2 or not all(isinstance(v, tirx.IntImm) for v in w_shape):
-            return call
+            return None
         x, flat = rows, False
         bound = self.lookup_binding(rows) if isinstance(rows, relax.Var) else None
         if (len(_shape_of(rows) or ()) == 2 and isinstance(bound, relax.Call)
@@ -443,10 +456,10 @@ class _PadRowsMutator(relax.PyExprMutator):
             x, flat = bound.args[0], True
         x_shape = _shape_of(x)
         if x_shape is None or len(x_shape) != 3:
-            return call
+            return None
         batch, tokens, _ = x_shape
         if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) or not pads_rows(int(tokens)):
-            return call
+            return None
         tokens = int(tokens)
         padded = -(-tokens // ROW_PAD) * ROW_PAD
         columns = w_shape[1]
@@ -458,63 +471,34 @@ class _PadRowsMutator(relax.PyExprMutator):
         if flat:
             product = bb.emit(relax.op.reshape(product, (batch, padded, columns)))
         sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
-        self.padded += 1
         return relax.op.reshape(bb.emit(sliced), (batch * tokens, columns)) if flat else sliced
 
+    def _tiles(self, call: relax.Call):
+        """A batched matmul of two activations (attention scores ``q @ k^T``, ``p @ v``) whose static rows or
+        columns no register tile divides computes whole tiles of padded operands.
 
-def _shape_of(expr) -> list | None:
-    return getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
-
-
-@tvm.transform.module_pass(opt_level=0, name="fxpress.PadTokenRows")
-class PadTokenRows:
-    """Dynamic-batch linears over a token count no row tile divides compute padded rows (see
-    :class:`_PadRowsMutator`); runs before fusion."""
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _PadRowsMutator(mod)
-        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
-        log.debug("padded the token rows of %d matmuls", mutator.padded)
-        return mod
-
-
-@relax.expr_functor.mutator
-class _PadTilesMutator(relax.PyExprMutator):
-    """A batched matmul of two activations (attention scores ``q @ k^T``, ``p @ v``) whose static rows or
-    columns no register tile divides computes whole tiles of padded operands.
-
-    ``matmul(a (.., M, K), b (.., K, N))`` -> ``strided_slice(matmul(pad(a, M'), pad(b, N')), M, N)``
-    with M', N' the multiples of the tile :func:`register_tile` picks.  Inside the matmul function the
-    rule would pad with copies of both operands and copy each tile's valid part out with a scalar
-    predicated loop, which costs as much as the 64-deep FMA loop of an attention score tile; here
-    the pads fuse into the operands' producers (a transpose, the softmax) and the slice into the
-    consumer, so the matmul writes whole vector tiles.
-    """
-
-    def __init__(self, mod: tvm.IRModule, lanes: int):
-        super().__init__(mod)
-        self.lanes = lanes
-        self.padded = 0
-
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = super().visit_call_(call)
-        if getattr(call.op, "name", "") != "relax.matmul":
-            return call
+        ``matmul(a (.., M, K), b (.., K, N))`` -> ``strided_slice(matmul(pad(a, M'), pad(b, N')), M, N)``
+        with M', N' the multiples of the tile :func:`register_tile` picks.  Inside the matmul function the
+        rule would pad with copies of both operands and copy each tile's valid part out with a scalar
+        predicated loop, which costs as much as the 64-deep FMA loop of an attention score tile; here
+        the pads fuse into the operands' producers (a transpose, the softmax) and the slice into the
+        consumer, so the matmul writes whole vector tiles.
+        """
         a, b = call.args
         a_shape, b_shape = _shape_of(a), _shape_of(b)
         if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
-            return call
+            return None
         rows, cols = a_shape[-2], b_shape[-1]
         if not isinstance(rows, tirx.IntImm) or not isinstance(cols, tirx.IntImm):
-            return call
+            return None
         rows, cols = int(rows), int(cols)
         row_tile, col_tile = register_tile(rows, cols, self.lanes)
         padded_rows, padded_cols = -(-rows // row_tile) * row_tile, -(-cols // col_tile) * col_tile
         if (padded_rows, padded_cols) == (rows, cols):
-            return call
+            return None
         again = register_tile(padded_rows, padded_cols, self.lanes)
         if padded_rows % again[0] or padded_cols % again[1]:  # the rule would pad once more
-            return call
+            return None
         bb = self.builder_
         rank = len(a_shape)
         if padded_rows != rows:
@@ -522,22 +506,24 @@ class _PadTilesMutator(relax.PyExprMutator):
         if padded_cols != cols:
             b = bb.emit(relax.op.nn.pad(b, [0] * (2 * rank - 1) + [padded_cols - cols]))
         product = bb.emit(relax.Call(call.op, [a, b], call.attrs))
-        self.padded += 1
         return relax.op.strided_slice(product, [rank - 2, rank - 1], [0, 0], [rows, cols], assume_inbound=True)
 
 
-@tvm.transform.module_pass(opt_level=0, name="fxpress.PadMatmulTiles")
-class PadMatmulTiles:
-    """Batched activation matmuls with ragged static rows or columns compute whole register tiles
-    (see :class:`_PadTilesMutator`); runs before fusion."""
+def _shape_of(expr) -> list | None:
+    return getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.PadMatmuls")
+class PadMatmuls:
+    """Matmuls with ragged tiles compute padded ones (see :class:`_PadMatmulMutator`); runs before fusion."""
 
     def __init__(self, lanes: int):
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _PadTilesMutator(mod, self.lanes)
+        mutator = _PadMatmulMutator(mod, self.lanes)
         mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
-        log.debug("padded %d batched matmuls to whole tiles", mutator.padded)
+        log.debug("padded %d matmuls to whole tiles", mutator.padded)
         return mod
 
 
@@ -556,4 +542,4 @@ def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
     return [*([GEMV()] if gemv else []), DirectConv(), Matmul(), dl.cpu.GEMV(), RowReduction(), Injective()]
 
 
-__all__ = ["Injective", "Matmul", "PadMatmulTiles", "PadTokenRows", "cpu_rules", "llvm_get_vector_width"]
+__all__ = ["Injective", "Matmul", "PadMatmuls", "cpu_rules", "llvm_get_vector_width"]
