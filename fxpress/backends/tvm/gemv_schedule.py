@@ -41,6 +41,7 @@ ANNOTATION = "fxpress.schedule"
 PANEL_COLUMNS = 64  # fp32 columns per panel: 4 cache lines of W per k (32 and 128 were slower here)
 SEGMENTS = 2  # segments of k a panel reads side by side: two streams of W keep more loads in flight
 MIN_SEGMENT_DEPTH = 64
+LARGE_WEIGHT_BYTES = 16 << 20  # a linear of several rows takes its weight in panels from this size on
 
 
 def panel_width(columns: int, lanes: int) -> int:
@@ -78,12 +79,17 @@ class _PackGemvMutator(relax.PyExprMutator):
         bb = self.builder_
         panels = bb.emit(relax.op.reshape(weight, (columns // width, width, depth)))
         panels = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
-        row = bb.emit(relax.op.reshape(x, (1, depth)))
+        rows = math.prod(_static_shape(x)[:-1])
         out_dtype = call.attrs.out_dtype
         out_dtype = None if out_dtype is None or str(out_dtype) in ("", "void") else out_dtype
-        product = bb.emit(relax.op.matmul(row, panels, out_dtype=out_dtype))
         self.packed += 1
-        return relax.op.reshape(product, call.ty.shape)
+        if rows == 1:
+            row = bb.emit(relax.op.reshape(x, (1, depth)))
+            product = bb.emit(relax.op.matmul(row, panels, out_dtype=out_dtype))
+            return relax.op.reshape(product, call.ty.shape)
+        block = bb.emit(relax.op.reshape(x, (1, rows, depth)))  # broadcast over the panels, not copied
+        product = bb.emit(relax.op.matmul(block, panels, out_dtype=out_dtype))  # (panels, rows, width)
+        return relax.op.reshape(bb.emit(relax.op.permute_dims(product, [1, 0, 2])), call.ty.shape)
 
     def _plan(self, call: relax.Call):
         """(x, W, (N, K, NB)) when the call is a single-row linear this pass packs; else None."""
@@ -96,11 +102,20 @@ class _PackGemvMutator(relax.PyExprMutator):
         if not any(weight.same_as(w) for w in self.weights) or axes is None or [int(a) for a in axes] != [1, 0]:
             return None
         x_shape, w_shape = _static_shape(x), _static_shape(weight)
-        if x_shape is None or w_shape is None or len(w_shape) != 2 or math.prod(x_shape[:-1]) != 1:
+        if x_shape is None or w_shape is None or len(w_shape) != 2:
             return None
         columns, depth = w_shape
-        lanes = max(self.vector_bits // tvm.DataType(str(weight.ty.dtype)).bits, 1)
-        width = panel_width(columns, lanes)
+        bits = tvm.DataType(str(weight.ty.dtype)).bits
+        lanes = max(self.vector_bits // bits, 1)
+        rows = math.prod(x_shape[:-1])
+        if rows == 1:
+            width = panel_width(columns, lanes)
+        elif columns * depth * bits // 8 >= LARGE_WEIGHT_BYTES:  # panels as wide as the matmul's tile
+            from fxpress.backends.tvm.schedules import register_tile
+
+            width = register_tile(rows, columns, lanes)[1]
+        else:
+            return None
         if columns % width or width % lanes or width == columns:
             return None  # a ragged last panel, or one panel: the transposed layout is as good
         return x, weight, (columns, depth, width)
