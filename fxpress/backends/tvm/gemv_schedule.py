@@ -9,7 +9,10 @@ along k, so they ran as naive loops.  Two parts:
   ``Wp (N/NB, K, NB)`` (``Wp[p, k, c] = W[p*NB + c, k]``) and becomes a matmul of the row
   with every panel.  The packing is weight-only, so it runs once at load time, and the
   matmul then streams each panel as one contiguous block (the ``(K, N)`` transpose read
-  NB columns per row, a new 4 KiB page per k when N is large; see docs/backends.md).
+  NB columns per row, a new 4 KiB page per k when N is large; see docs/backends.md).  A weight of
+  ``LARGE_WEIGHT_BYTES`` or more under a linear of several static rows (a vocabulary head at
+  prefill) is packed the same way, in panels as wide as the matmul's register tile, and the rows
+  are multiplied with every panel (the :class:`~.schedules.Matmul` rule's batched form).
 - :class:`GEMV` (TIR schedule rule): ``C[.., j] += x[.., k] * W[.., k, j]`` where x reads
   no output axis of extent > 1 and W is contiguous in j.  Column panels of ``NB`` run in
   parallel; k is split into SEGMENTS parts read side by side, each with its ``NB`` partial
@@ -60,7 +63,8 @@ def panel_width(columns: int, lanes: int) -> int:
 
 @relax.expr_functor.mutator
 class _PackGemvMutator(relax.PyExprMutator):
-    """``matmul(x, permute_dims(W))`` with one row in x and W a parameter -> matmul with W's panels."""
+    """``matmul(x, permute_dims(W))`` with one row in x (or a large W) and W a parameter -> matmul with
+    W's panels."""
 
     def __init__(self, mod: tvm.IRModule, vector_bits: int):
         super().__init__(mod)
