@@ -85,16 +85,15 @@ class Matmul(ScheduleRule):
     def _tile(sch: s_tir.Schedule, main, target: Target) -> None:
         lanes = vector_lanes(target, sch.get(main))
         batch, rows, cols, red = sch.get_loops(main)
-        row_multiple = _constant_factor(sch.get(rows).extent)
-        row_tile, col_tile = register_tile(extent(sch, rows), extent(sch, cols), lanes, row_multiple=row_multiple)
-        block = _row_block(extent(sch, rows), extent(sch, red), row_tile, row_multiple) \
+        n_rows, row_multiple = extent(sch, rows), _constant_factor(sch.get(rows).extent)
+        row_tile, col_tile = register_tile(n_rows, extent(sch, cols), lanes, row_multiple=row_multiple)
+        block = _row_block(n_rows, extent(sch, red), row_tile, row_multiple) \
             if extent(sch, batch) == 1 else None  # batched: padding rows copied A per batch
-        n_rows = extent(sch, rows)
         if block and isinstance(n_rows, int) and n_rows % row_tile == 0 and (n_rows // row_tile) % block:
-            block = None  # whole tiles that no block divides: no pad_einsum only for blocks (on the panels of
-            # a packed vocabulary head, whose batch dlight folds into the columns, it failed the rule)
+            block = None  # whole tiles no block divides: a pad_einsum for blocks alone failed the rule on a
+            # packed vocabulary head (dlight folds its panels into the columns)
         row_pad = row_tile * (block or 1)  # whole blocks of whole row tiles
-        padded = [1, _pad_to(extent(sch, rows), row_pad), _pad_to(extent(sch, cols), col_tile), 1]
+        padded = [1, _pad_to(n_rows, row_pad), _pad_to(extent(sch, cols), col_tile), 1]
         if padded[1:3] != [1, 1]:
             sch.pad_einsum(main, padded)  # producers/consumers get padding blocks; no predicated tail
             for producer in sch.get_producers(main):
