@@ -43,7 +43,7 @@ from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, rewrite_relax_functions,
+from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, rewrite_relax_functions, round_up,
                                                  vector_bits, vector_lanes)
 from fxpress.backends.tvm.schedules import (ACCUMULATORS, _inline_plain_epilogue, _schedule_copy,
                                             _vectorize_innermost, register_budget)
@@ -82,7 +82,7 @@ class _PadChannelsMutator(relax.PyExprMutator):
         channels = int(values[3])
         if channels % self.lanes == 0 or channels <= self.lanes // 2:
             return call  # whole vectors already, or a head the lane-sum schedule takes
-        padded = -(-channels // self.lanes) * self.lanes
+        padded = round_up(channels, self.lanes)
         bb = self.builder_
         weight = bb.emit(relax.op.nn.pad(call.args[1], [0, 0, 0, 0, 0, 0, 0, padded - channels]))
         out_layout = str(attrs.out_layout) if attrs.out_layout is not None else None

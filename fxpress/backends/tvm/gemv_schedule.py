@@ -36,7 +36,7 @@ from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_produ
 from tvm.target import Target
 
 from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, multiply_add_reads, rewrite_relax_functions,
-                                                 vector_bits, vector_factor, vector_lanes)
+                                                 shape_values, vector_bits, vector_factor, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,7 @@ class _PackGemvMutator(relax.PyExprMutator):
 
 
 def _static_shape(expr) -> list[int] | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    values = getattr(shape, "values", None)
+    values = shape_values(expr)
     if values is None or not all(isinstance(v, tirx.IntImm) for v in values):
         return None
     return [int(v) for v in values]

@@ -29,6 +29,16 @@ def extent(sch: s_tir.Schedule, loop) -> int | object:
     return int(value) if isinstance(value, tirx.IntImm) else value
 
 
+def round_up(size: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `size` (a padded extent)."""
+    return -(-size // multiple) * multiple
+
+
+def shape_values(expr) -> list | None:
+    """The dims of a Relax tensor expression (IntImm or symbolic), None when its shape is unknown."""
+    return getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
+
+
 def pick_factor(size, candidates: list[int]) -> int | None:
     """The first candidate (> 0) that divides a static `size`; for symbolic sizes the first one."""
     usable = [c for c in candidates if c and c > 0]

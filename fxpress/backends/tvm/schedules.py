@@ -30,7 +30,8 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, is_cpu, multiply_add_reads, pick_factor,
-                                                 has_root_block, rewrite_relax_functions, root_block, vector_lanes)
+                                                 has_root_block, rewrite_relax_functions, root_block, round_up,
+                                                 shape_values, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _row_block(rows, depth, row_tile: int, row_multiple: int = 1) -> int | None:
     if tiles * row_tile * depth * 4 <= 2 * A_BLOCK_BYTES:
         return None
     target = max(A_BLOCK_BYTES // (4 * depth * row_tile), 1)
-    best = min(range(max(target // 2, 1), target + 1), key=lambda block: (-(-tiles // block) * block, -block))
+    best = min(range(max(target // 2, 1), target + 1), key=lambda block: (round_up(tiles, block), -block))
     return best if 1 < best < tiles else None
 
 
@@ -222,8 +223,7 @@ def _better(key: tuple, best: tuple) -> bool:
 
 
 def _padded(size, tile: int, symbolic: int) -> int:
-    size = size if isinstance(size, int) else symbolic
-    return -(-size // tile) * tile
+    return round_up(size if isinstance(size, int) else symbolic, tile)
 
 
 def _constant_factor(expr) -> int:
@@ -450,22 +450,22 @@ class _PadMatmulMutator(relax.PyExprMutator):
         activations (T'·K and T·N values) against T'·K·N multiply-adds.
         """
         rows, weight = call.args
-        w_shape = _shape_of(weight)
+        w_shape = shape_values(weight)
         if w_shape is None or len(w_shape) != 2 or not all(isinstance(v, tirx.IntImm) for v in w_shape):
             return None
         x, flat = rows, False
         bound = self.lookup_binding(rows) if isinstance(rows, relax.Var) else None
-        if (len(_shape_of(rows) or ()) == 2 and isinstance(bound, relax.Call)
+        if (len(shape_values(rows) or ()) == 2 and isinstance(bound, relax.Call)
                 and getattr(bound.op, "name", "") == "relax.reshape"):
             x, flat = bound.args[0], True
-        x_shape = _shape_of(x)
+        x_shape = shape_values(x)
         if x_shape is None or len(x_shape) != 3:
             return None
         batch, tokens, _ = x_shape
         if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) or not pads_rows(int(tokens)):
             return None
         tokens = int(tokens)
-        padded = -(-tokens // ROW_PAD) * ROW_PAD
+        padded = round_up(tokens, ROW_PAD)
         columns = w_shape[1]
         bb = self.builder_
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
@@ -489,7 +489,7 @@ class _PadMatmulMutator(relax.PyExprMutator):
         consumer, so the matmul writes whole vector tiles.
         """
         a, b = call.args
-        a_shape, b_shape = _shape_of(a), _shape_of(b)
+        a_shape, b_shape = shape_values(a), shape_values(b)
         if a_shape is None or b_shape is None or len(a_shape) < 3 or len(a_shape) != len(b_shape):
             return None
         rows, cols = a_shape[-2], b_shape[-1]
@@ -497,7 +497,7 @@ class _PadMatmulMutator(relax.PyExprMutator):
             return None
         rows, cols = int(rows), int(cols)
         row_tile, col_tile = register_tile(rows, cols, self.lanes)
-        padded_rows, padded_cols = -(-rows // row_tile) * row_tile, -(-cols // col_tile) * col_tile
+        padded_rows, padded_cols = round_up(rows, row_tile), round_up(cols, col_tile)
         if (padded_rows, padded_cols) == (rows, cols):
             return None
         again = register_tile(padded_rows, padded_cols, self.lanes)
@@ -511,10 +511,6 @@ class _PadMatmulMutator(relax.PyExprMutator):
             b = bb.emit(relax.op.nn.pad(b, [0] * (2 * rank - 1) + [padded_cols - cols]))
         product = bb.emit(relax.Call(call.op, [a, b], call.attrs))
         return relax.op.strided_slice(product, [rank - 2, rank - 1], [0, 0], [rows, cols], assume_inbound=True)
-
-
-def _shape_of(expr) -> list | None:
-    return getattr(getattr(getattr(expr, "ty", None), "shape", None), "values", None)
 
 
 @tvm.transform.module_pass(opt_level=0, name="fxpress.PadMatmuls")
