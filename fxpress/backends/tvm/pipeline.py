@@ -13,8 +13,9 @@ libm's expf/erff run one lane at a time), then adds, after fusion:
 
 Before lifting, single-row linears (batch-1 decode) take their weight packed
 in column panels (:mod:`.gemv_schedule`), and linears over a dynamic batch of
-token rows pad the rows to whole tiles (:class:`.schedules.PadMatmuls`), and so do the ragged
-rows and columns of attention matmuls.
+token rows pad the rows to whole tiles (:class:`.schedules.PadMatmuls`, which also moves their
+bias adds next to the matmul), and so do the ragged rows and columns of attention matmuls.
+Reshapes to symbolic dims legalize as injective gathers (:func:`_reshape_affine`), so they fuse.
 
 ``LiftTransformParams`` runs first so weight-only work (transposes of
 linear weights, layout changes) moves to ``main_transform_params`` and runs
@@ -33,6 +34,8 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from fxpress.backends.tvm.schedule_utils import shape_values
+
 log = logging.getLogger(__name__)
 
 NHWC_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
@@ -48,6 +51,53 @@ def _take_wrapping_indices(bb, call):
     from tvm import topi
 
     return bb.call_te(topi.take, call.args[0], call.args[1], call.attrs.axis, mode="wrap")
+
+
+def _reshape_affine(bb, call):
+    """``reshape`` with symbolic dims as a TIR gather whose indices are affine in the loop variables.
+
+    TVM's legalization unravels the flat index with a modulo on every dim, the first included
+    (``x[(i * 54 + j) % (n * 54), k]``); with a symbolic extent the modulo stays,
+    ``AnnotateTIROpPattern`` calls the function opaque, and ``FuseOps`` fuses nothing across it: a
+    dynamic-batch ViT's linears (``reshape(x, (n * T, K))``, matmul, bias, ``reshape`` back) ran as
+    separate kernels for the matmul, the slice of padded rows, the bias and each activation.  Here
+    the first dim takes the quotient alone (the flat index is in bounds), so the gather is injective.
+    """
+    from tvm import te
+    from tvm.sym.analyzer import Analyzer
+
+    data, target = call.args
+    if isinstance(target, relax.Var):
+        target = bb.lookup_binding(target)
+    in_shape, out_shape = shape_values(data), shape_values(call)
+    static = in_shape is not None and out_shape is not None and \
+        all(isinstance(dim, tvm.tirx.IntImm) for dim in [*in_shape, *out_shape])
+    # only reshapes to plain dims: a product (n * T) stays opaque, as the match_cast some rules put
+    # after one to name it (binary_rules, sparse_rules) cannot sit inside a fused function
+    plain = out_shape is not None and all(isinstance(dim, (tvm.tirx.IntImm, tvm.tirx.Var)) for dim in out_shape)
+    if static or not plain or not isinstance(target, relax.ShapeExpr):
+        return tvm.ir.Op.get("relax.reshape").get_attr("FLegalize")(bb, call)
+
+    def gather(tensor, out_shape):  # out_shape as a call_te argument makes its symbolic dims parameters
+        in_shape = list(tensor.shape)
+
+        def index(*out_index):
+            analyzer = Analyzer()
+            for var, extent in zip(out_index, out_shape):
+                analyzer.bind(var, tvm.ir.Range.from_min_extent(0, extent))
+            flat = 0
+            for var, extent in zip(out_index, out_shape):
+                flat = flat * extent + var
+            source = []
+            for extent in reversed(in_shape[1:]):
+                source.append(analyzer.simplify(tvm.tirx.floormod(flat, extent)))
+                flat = tvm.tirx.floordiv(flat, extent)
+            source.append(analyzer.simplify(flat))
+            return tensor[tuple(reversed(source))]
+
+        return te.compute(out_shape, index, name="T_reshape")
+
+    return bb.call_te(gather, data, target, primfunc_name_hint="reshape")
 
 
 def _constant_only_call(mod: tvm.IRModule) -> bool:
@@ -86,7 +136,8 @@ def _fold_constants(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 def _legalize_and_fuse(fast_math: bool) -> list:
     from fxpress.backends.tvm.fast_math import legalize_map
 
-    rules = {"relax.take": _take_wrapping_indices, **(legalize_map() if fast_math else {})}
+    rules = {"relax.take": _take_wrapping_indices, "relax.reshape": _reshape_affine,
+             **(legalize_map() if fast_math else {})}
     return [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),

@@ -120,8 +120,9 @@ class RowReduction(dl_cpu.Reduction):
         tails: list = []
         for block in blocks:
             stmt = sch.get(block)
-            if stmt.name_hint in rf_blocks:
-                partial, steps = sch.get_loops(block)[-2:]
+            if stmt.name_hint in rf_blocks:  # under the row loop: the partial sums' loop, unit loops of
+                # the other row dims, the steps along the row; the partial sums go innermost, as vectors
+                partial, steps = [loop for loop in sch.get_loops(block)[1:] if extent(sch, loop) != 1]
                 sch.reorder(steps, partial)
                 sch.vectorize(partial)
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):

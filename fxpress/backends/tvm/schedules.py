@@ -416,27 +416,45 @@ def pads_rows(tokens: int) -> bool:
     return tokens % ROW_PAD != 0
 
 
+def _slice_axes(call: relax.Call, rank: int) -> set[int]:
+    """The axes a ``strided_slice`` call slices, as non-negative ints."""
+    return {int(getattr(axis, "value", axis)) % rank for axis in call.args[1]}
+
+
+def _same_dims(first, second) -> bool:
+    """Whether two lists of dims (IntImm or symbolic) are provably equal, dim by dim."""
+    analyzer = Analyzer()
+    return len(first) == len(second) and all(analyzer.can_prove_equal(a, b) for a, b in zip(first, second))
+
+
 @relax.expr_functor.mutator
 class _PadMatmulMutator(relax.PyExprMutator):
     """Matmuls whose rows or columns no register tile divides compute whole tiles of padded operands
     and slice the result: the linears of a dynamic batch of token rows (:meth:`_token_rows`) and
-    attention matmuls with static ragged sizes (:meth:`_tiles`)."""
+    attention matmuls with static ragged sizes (:meth:`_tiles`).  Over a symbolic batch, a linear's
+    bias add also moves before the slice and the flattening reshape (:meth:`_bias_before_flatten`,
+    :meth:`_merge_reshapes`), so fusion makes it the matmul's epilogue."""
 
     def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
         self.lanes = lanes
-        self.padded = 0
+        self.rewritten = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = super().visit_call_(call)
-        if getattr(call.op, "name", "") != "relax.matmul":
+        name = getattr(call.op, "name", "")
+        if name == "relax.add":
+            return self._bias_before_flatten(call)
+        if name == "relax.reshape":
+            return self._merge_reshapes(call)
+        if name != "relax.matmul":
             return call
         padded = self._token_rows(call)
         if padded is None:
             padded = self._tiles(call)
         if padded is None:
             return call
-        self.padded += 1
+        self.rewritten += 1
         return padded
 
     def _token_rows(self, call: relax.Call):
@@ -469,13 +487,65 @@ class _PadMatmulMutator(relax.PyExprMutator):
         columns = w_shape[1]
         bb = self.builder_
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
-        if flat:
-            x = bb.emit(relax.op.reshape(x, (batch * padded, x_shape[2])))
         product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
-        if flat:
-            product = bb.emit(relax.op.reshape(product, (batch, padded, columns)))
         sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
         return relax.op.reshape(bb.emit(sliced), (batch * tokens, columns)) if flat else sliced
+
+    def _bound_call(self, expr, op_name: str):
+        """The call `expr` (a variable) is bound to when it calls `op_name`, else None."""
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == op_name:
+            return bound
+        return None
+
+    def _flattened(self, expr):
+        """(source, shape) when `expr` is a variable bound to ``reshape(source, shape)``, else None."""
+        bound = self._bound_call(expr, "relax.reshape")
+        return None if bound is None else (bound.args[0], shape_values(expr))
+
+    def _bias_before_flatten(self, call: relax.Call) -> relax.Expr:
+        """``add(bias, reshape(y, (n * T, N)))`` over a symbolic row count -> ``reshape(add(bias, y), (n * T, N))``.
+
+        A linear decomposes to ``reshape(x, (n * T, K))``, matmul, bias add, ``reshape`` back.  With the
+        matmul on ``(n, T', K)`` padded rows (:meth:`_token_rows`), the bias add sat between two reshapes,
+        a kernel of its own instead of the matmul's epilogue.  Adding a bias along the last dim commutes
+        with a reshape that keeps that dim; :meth:`_merge_reshapes` then drops the reshape pair.
+        """
+        for index in (0, 1):
+            bias, flat = call.args[index], call.args[1 - index]
+            bias_shape, found = shape_values(bias), self._flattened(flat)
+            if bias_shape is None or len(bias_shape) != 1 or found is None:
+                continue
+            source, shape = found
+            source_shape = shape_values(source)
+            if (shape is None or len(shape) != 2 or isinstance(shape[0], tirx.IntImm) or source_shape is None
+                    or len(source_shape) < 3
+                    or not _same_dims([source_shape[-1], shape[1]], [shape[1], bias_shape[0]])):
+                continue
+            slicing = self._bound_call(source, "relax.strided_slice")
+            if slicing is not None and len(source_shape) - 1 in _slice_axes(slicing, len(source_shape)):
+                slicing = None
+            inner = source if slicing is None else slicing.args[0]  # the bias goes before a slice of rows
+            operands = [bias, inner] if index == 0 else [inner, bias]
+            added = self.builder_.emit(relax.Call(call.op, operands, call.attrs))
+            if slicing is not None:
+                added = self.builder_.emit(relax.Call(slicing.op, [added, *slicing.args[1:]], slicing.attrs))
+            self.rewritten += 1
+            return relax.op.reshape(added, list(shape))
+        return call
+
+    def _merge_reshapes(self, call: relax.Call) -> relax.Expr:
+        """``reshape(reshape(z, s1), s2)`` over symbolic dims -> ``reshape(z, s2)``, or z when s2 is z's shape."""
+        found = self._flattened(call.args[0])
+        shape = shape_values(call)
+        if found is None or shape is None or all(isinstance(dim, tirx.IntImm) for dim in shape):
+            return call
+        source = found[0]
+        source_shape = shape_values(source)
+        self.rewritten += 1
+        if source_shape is not None and _same_dims(source_shape, shape):
+            return source
+        return relax.op.reshape(source, list(shape))
 
     def _tiles(self, call: relax.Call):
         """A batched matmul of two activations (attention scores ``q @ k^T``, ``p @ v``) whose static rows or
@@ -522,9 +592,10 @@ class PadMatmuls:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         mutator = _PadMatmulMutator(mod, self.lanes)
-        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
-        log.debug("padded %d matmuls to whole tiles", mutator.padded)
-        return mod
+        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.rewritten)
+        log.debug("%d matmul pads and bias moves", mutator.rewritten)
+        # the rewritten bindings (flat views, slices a bias moved past) are left unused
+        return relax.transform.DeadCodeElimination()(mod) if mutator.rewritten else mod
 
 
 def cpu_rules(gemv: bool = True) -> list[ScheduleRule]:
