@@ -79,7 +79,7 @@ def _reshape_affine(bb, call):
         return tvm.ir.Op.get("relax.reshape").get_attr("FLegalize")(bb, call)
 
     def gather(tensor, out_shape):  # out_shape as a call_te argument makes its symbolic dims parameters
-        in_shape = list(tensor.shape)
+        source_dims = list(tensor.shape)
 
         def index(*out_index):
             analyzer = Analyzer()
@@ -89,7 +89,7 @@ def _reshape_affine(bb, call):
             for var, extent in zip(out_index, out_shape):
                 flat = flat * extent + var
             source = []
-            for extent in reversed(in_shape[1:]):
+            for extent in reversed(source_dims[1:]):
                 source.append(analyzer.simplify(tvm.tirx.floormod(flat, extent)))
                 flat = tvm.tirx.floordiv(flat, extent)
             source.append(analyzer.simplify(flat))

@@ -471,11 +471,8 @@ class _PadMatmulMutator(relax.PyExprMutator):
         w_shape = shape_values(weight)
         if w_shape is None or len(w_shape) != 2 or not all(isinstance(v, tirx.IntImm) for v in w_shape):
             return None
-        x, flat = rows, False
-        bound = self.lookup_binding(rows) if isinstance(rows, relax.Var) else None
-        if (len(shape_values(rows) or ()) == 2 and isinstance(bound, relax.Call)
-                and getattr(bound.op, "name", "") == "relax.reshape"):
-            x, flat = bound.args[0], True
+        found = self._flattened(rows) if len(shape_values(rows) or ()) == 2 else None
+        x, flat = (rows, False) if found is None else (found[0], True)
         x_shape = shape_values(x)
         if x_shape is None or len(x_shape) != 3:
             return None
