@@ -115,3 +115,32 @@ def test_ragged_output_channels_are_padded_to_whole_vectors(tmp_path):
     assert "R.nn.pad" in transform or "pad" in transform  # the weight padding runs once, at load
     assert re.search(r"T\.Buffer\(\(T\.int64\(3\), T\.int64\(3\), T\.int64\(32\), T\.int64\(16\)\)", script)
     assert script.count('"conv-dense"') == 4  # both convs, init and update
+
+
+class Residual(nn.Module):
+    """conv + bias, ReLU, then a skip add: three epilogue links after the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x)) + x
+
+
+def test_a_chain_of_epilogues_is_computed_from_the_tile(tmp_path):
+    """Bias, ReLU and the skip add are folded into the tile's write-back one after another, so the output
+    is written once: no full-size intermediate buffers, no loop nests of their own after the tile."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(2, 16, 12, 12)
+    built = backends.compile(capture(model, (x,), name="residual"), "llvm", dump_ir=tmp_path)
+    with torch.no_grad():
+        assert (built(x) - model(x)).abs().max().item() < 1e-5
+    script = (tmp_path / "02_scheduled.tir.py").read_text()
+    name = re.search(r"def (fused_conv2d\w*_relu\w*_add\w*)\(", script).group(1)
+    body = script[script.index(f"def {name}("):]
+    body = body[:body.index("@T.prim_func")] if "@T.prim_func" in body else body
+    allocated = re.findall(r"(\w+) = T\.sblock_alloc_buffer", body)
+    assert sorted(allocated) == ["conv2d_nhwc_intermediate_global", "pad_temp"], allocated
+    assert "T.max(" in body and body.count("T.parallel(") == 2  # the padding copy and the tiles
