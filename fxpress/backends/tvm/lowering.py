@@ -38,7 +38,7 @@ class Lowered:
 
 def export_graph(graph: Graph, dynamic: bool) -> tuple[torch.export.ExportedProgram, FlatExport]:
     """Re-export the Graph over flat tensors and decompose it to core ATen (custom ops are kept)."""
-    flat = export_flat(graph, dynamic, "tvm")
+    flat = export_flat(graph, dynamic, "tvm", prepare=buffers_as_parameters)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -46,6 +46,26 @@ def export_graph(graph: Graph, dynamic: bool) -> tuple[torch.export.ExportedProg
     except Exception as err:  # noqa: BLE001 - decompositions raise many kinds
         raise LoweringError(f"cannot decompose graph {graph.name} for lowering: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+
+
+def buffers_as_parameters(module: torch.nn.Module) -> None:
+    """Register the (flattened copy's) buffers as frozen parameters, so they reach Relax as params.
+
+    TVM's importer binds buffers as constants inside ``main``; work that depends only on them (the
+    repacking of quantized codes and scales, a folded norm's statistics) then ran on every call instead
+    of once in ``main_transform_params`` (SmolLM2's int4 decode step repacked all 210 linears' codes each
+    step: 15 of 40 ms).  A tensor shared by several modules becomes one parameter.
+    """
+    frozen: dict[int, torch.nn.Parameter] = {}
+    for sub in module.modules():
+        for name, tensor in list(sub._buffers.items()):
+            if tensor is None:
+                continue
+            if id(tensor) not in frozen:
+                frozen[id(tensor)] = torch.nn.Parameter(tensor, requires_grad=False)
+            del sub._buffers[name]
+            sub._non_persistent_buffers_set.discard(name)
+            sub.register_parameter(name, frozen[id(tensor)])
 
 
 def torch_dtype_name(dtype: torch.dtype) -> str:

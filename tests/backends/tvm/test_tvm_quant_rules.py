@@ -96,6 +96,16 @@ def test_one_row_runs_the_codes_gemv(tmp_path):
     lowered = (tmp_path / "00_lowered.relax.py").read_text()
     assert lowered.count("fxpress_quant_gemv") >= 2  # up and odd (the head stays float)
     assert "fxpress_quant_dequantize" not in lowered
+    # the planes are buffers of the graph: they reach Relax as params, not constants bound into main, so
+    # their repacking runs once at load (main_transform_params), never per call
+    fused = (tmp_path / "01_fused.tir.py").read_text()
+    transform = fused[fused.index("def main_transform_params("):]
+    transform = transform[:transform.index("@R.function")] if "@R.function" in transform else transform
+    main = fused[fused.index("def main("):]
+    main = main[:main.index("@R.function")] if "@R.function" in main else main
+    assert transform.count("fxpress_quant_codes") == 2 and transform.count("fxpress_quant_affine") == 2
+    assert "fxpress_quant_codes" not in main and "fxpress_quant_affine" not in main
+    assert "GenericConst" not in main
 
 
 def test_half_precision_activations_are_refused():
