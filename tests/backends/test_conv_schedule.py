@@ -144,3 +144,19 @@ def test_a_chain_of_epilogues_is_computed_from_the_tile(tmp_path):
     allocated = re.findall(r"(\w+) = T\.sblock_alloc_buffer", body)
     assert sorted(allocated) == ["conv2d_nhwc_intermediate_global", "pad_temp"], allocated
     assert "T.max(" in body and body.count("T.parallel(") == 2  # the padding copy and the tiles
+
+
+def test_a_conv_without_padding_reads_its_input_in_place(tmp_path):
+    """TOPI's pad_temp of a 1x1 (or 'valid') conv is a plain copy of the input: it is inlined, so the
+    tiles read the input where it lies; a padded conv keeps its (vectorized) padding copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3)).eval()
+    x = torch.randn(2, 16, 12, 12)
+    built = backends.compile(capture(model, (x,), name="unpadded"), "llvm", dump_ir=tmp_path)
+    with torch.no_grad():
+        assert (built(x) - model(x)).abs().max().item() < 1e-5
+    script = (tmp_path / "02_scheduled.tir.py").read_text()
+    functions = re.findall(r"def (\w*conv2d\w*)\((.*?)(?=\n    @T\.prim_func|\n    @R\.function|\Z)", script, re.S)
+    padded = {name: "pad_temp = T.sblock_alloc_buffer" in body for name, body in functions}
+    assert len(padded) == 3 and sorted(padded.values()) == [False, False, True], padded
+    assert script.count('"conv-dense"') == 6

@@ -164,9 +164,25 @@ def _conv_pattern(stmt) -> tuple[str, int] | None:
     return "grouped", channels // groups
 
 
+def _is_plain_copy(stmt) -> bool:
+    """``out[i...] = in[i...]``: TOPI's pad_temp of a conv without padding (a 1x1, a 'valid' conv)."""
+    body = stmt.body
+    return (isinstance(body, tirx.BufferStore) and isinstance(body.value, tvm.ir.expr.TensorLoad)
+            and len(body.indices) == len(body.value.indices)
+            and all(a.same_as(b) for a, b in zip(body.indices, body.value.indices)))
+
+
 def _schedule_padding(sch: s_tir.Schedule, main, lanes: int) -> None:
-    """The zero-padded input (the conv's producer): a parallel copy, vectorized along the channels."""
+    """The zero-padded input (the conv's producer): a parallel copy, vectorized along the channels.
+    Without padding it is a plain copy of the input, which the tiles read directly instead
+    (low-rank's 1x1 factors copied their whole input first)."""
     for producer in sch.get_producers(main):
+        if _is_plain_copy(sch.get(producer)):
+            try:
+                sch.compute_inline(producer)
+                continue
+            except Exception as err:  # noqa: BLE001 - not inlinable: copied like a padding
+                log.debug("conv input copy kept: %s", err)
         _schedule_copy(sch, producer)
         _vectorize_innermost(sch, producer, lanes)
 
