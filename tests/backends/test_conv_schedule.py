@@ -160,3 +160,23 @@ def test_a_conv_without_padding_reads_its_input_in_place(tmp_path):
     padded = {name: "pad_temp = T.sblock_alloc_buffer" in body for name, body in functions}
     assert len(padded) == 3 and sorted(padded.values()) == [False, False, True], padded
     assert script.count('"conv-dense"') == 6
+
+
+def test_pad_unit_is_the_vector_or_half_of_avx512s():
+    from fxpress.backends.tvm.conv_schedule import pad_unit
+
+    assert (pad_unit(4), pad_unit(8), pad_unit(16)) == (4, 8, 8)
+
+
+def test_a_rank_7_conv_runs_8_channels_on_every_x86_host(tmp_path):
+    """7 output channels pad to 8 with AVX2 and with AVX-512 (not 16: a 256-bit tile is as fast per MAC
+    on a core that splits 512-bit FMAs, and half the padding)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 7, 3, padding=1, bias=False), nn.Conv2d(7, 16, 1)).eval()
+    x = torch.randn(2, 32, 16, 16)
+    built = backends.compile(capture(model, (x,), name="rank7"), "llvm", dump_ir=tmp_path)
+    with torch.no_grad():
+        assert (built(x) - model(x)).abs().max().item() < 1e-5
+    script = (tmp_path / "02_scheduled.tir.py").read_text()
+    assert re.search(r"T\.Buffer\(\(T\.int64\(3\), T\.int64\(3\), T\.int64\(32\), T\.int64\(8\)\)", script)
+    assert script.count('"conv-dense"') == 4 and '"conv-channel-sums"' not in script

@@ -29,8 +29,9 @@ the tile's registers; others stay a vectorized loop nest of their own.
 Two shapes need more than the tile.  Output channels that are not a multiple of the vector
 (the rank-7/10/11 factors ``low-rank`` makes) would run on fewer lanes, down to one:
 :class:`PadConvChannels` (a Relax rewrite before ``LiftTransformParams``) zero-pads the weight
-to whole vectors at load time and slices the output.  A head with fewer output channels than
-half a vector (a depth map or an image: 1-3 channels) puts the lanes over the input channels
+to whole vectors at load time and slices the output (with AVX-512's 16 lanes, to multiples of 8:
+:func:`pad_unit`).  A head with fewer output channels than half that unit (a depth map or an
+image: 1-3 channels) puts the lanes over the input channels
 instead: each lane sums its own channels (``rfactor``) for a row of pixels held in registers,
 and the lanes are added per tile (:meth:`DirectConv._schedule_channel_sums`).
 """
@@ -57,6 +58,13 @@ MAX_VECTORS = 4  # the widest channel tile, in vectors
 
 # -- Relax: ragged output channels get whole vectors -----------------------------------------------
 
+def pad_unit(lanes: int) -> int:
+    """Output channels a ragged conv is padded to a multiple of: the vector, or with 16 lanes
+    (AVX-512) half of it: an 8-channel tile runs 256-bit vectors, as many MACs per cycle on a core
+    that splits 512-bit FMAs (znver4) and never more padding (rank 7 -> 8, not 16)."""
+    return lanes // 2 if lanes >= 16 else lanes
+
+
 @relax.expr_functor.mutator
 class _PadChannelsMutator(relax.PyExprMutator):
     """``conv2d(x, W)`` (NHWC, HWIO, one group) with F output channels not a multiple of the lanes ->
@@ -65,7 +73,7 @@ class _PadChannelsMutator(relax.PyExprMutator):
 
     def __init__(self, mod: tvm.IRModule, lanes: int):
         super().__init__(mod)
-        self.lanes = lanes
+        self.unit = pad_unit(lanes)
         self.padded = 0
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
@@ -80,9 +88,9 @@ class _PadChannelsMutator(relax.PyExprMutator):
         if values is None or len(values) != 4 or not isinstance(values[3], tirx.IntImm):
             return call
         channels = int(values[3])
-        if channels % self.lanes == 0 or channels <= self.lanes // 2:
+        if channels % self.unit == 0 or channels <= self.unit // 2:
             return call  # whole vectors already, or a head the lane-sum schedule takes
-        padded = round_up(channels, self.lanes)
+        padded = round_up(channels, self.unit)
         bb = self.builder_
         weight = bb.emit(relax.op.nn.pad(call.args[1], [0, 0, 0, 0, 0, 0, 0, padded - channels]))
         out_layout = str(attrs.out_layout) if attrs.out_layout is not None else None
@@ -188,12 +196,13 @@ def _schedule_padding(sch: s_tir.Schedule, main, lanes: int) -> None:
 
 
 def _reduce_channels(sch: s_tir.Schedule, main, target: Target) -> bool:
-    """Output channels too few for a vector (under half the lanes), input channels a multiple of it."""
+    """Output channels too few for a vector (under half the padding unit: 1-3), input channels a
+    multiple of the lanes."""
     lanes = vector_lanes(target, sch.get(main))
     *_, f, _, _, rc = sch.get_loops(main)
     channels, inputs = extent(sch, f), extent(sch, rc)
     return (isinstance(channels, int) and isinstance(inputs, int) and lanes >= 4
-            and channels < lanes // 2 and inputs % lanes == 0)
+            and channels < pad_unit(lanes) // 2 and inputs % lanes == 0)
 
 
 def conv_tile(width, channels, lanes: int, span: int | None = None) -> tuple[int, int, int] | None:
@@ -316,4 +325,4 @@ class DirectConv(ScheduleRule):
             _vectorize_innermost(sch, block, lanes)
 
 
-__all__ = ["DirectConv", "PadConvChannels", "conv_tile"]
+__all__ = ["DirectConv", "PadConvChannels", "conv_tile", "pad_unit"]
