@@ -67,7 +67,7 @@ def pad_unit(lanes: int) -> int:
 
 @relax.expr_functor.mutator
 class _PadChannelsMutator(relax.PyExprMutator):
-    """``conv2d(x, W)`` (NHWC, HWIO, one group) with F output channels not a multiple of the lanes ->
+    """``conv2d(x, W)`` (NHWC, HWIO, one group) with F output channels not a multiple of :func:`pad_unit` ->
     ``strided_slice(conv2d(x, pad(W to F')), F)``: W's zero padding depends on the weight alone (lifted to
     load time); F' - F extra channels of FMAs buy vector code for all F."""
 

@@ -238,7 +238,7 @@ def _pad_to(size, tile: int) -> int:
     return tile if isinstance(size, int) and size % tile else 1
 
 
-def _inline_plain_epilogue(sch: s_tir.Schedule, write_back) -> int:
+def _inline_plain_epilogue(sch: s_tir.Schedule, write_back) -> None:
     """Fold a bias/activation epilogue into the tile's write-back, so C is written once, from registers.
 
     Only when the epilogue reads C at plain block variables (``C[0, i, j]``): then the
@@ -247,9 +247,8 @@ def _inline_plain_epilogue(sch: s_tir.Schedule, write_back) -> int:
     vit-mnist at batch 64 the separate pass re-read and re-wrote a 2.4 MB output.  A chain
     (bias, then ReLU, then a residual add) is folded link by link, as long as each link is the
     only consumer: gdnet-lite's conv + bias + ReLU + skip wrote its output and re-read it twice
-    more (a third of the conv's time).  Returns the number of blocks folded.
+    more (a third of the conv's time).
     """
-    folded = 0
     while len(consumers := sch.get_consumers(write_back)) == 1:
         stmt = sch.get(consumers[0])
         written = sch.get(write_back).writes[0].source
@@ -263,8 +262,6 @@ def _inline_plain_epilogue(sch: s_tir.Schedule, write_back) -> int:
         except Exception as err:  # noqa: BLE001 - not an inlinable epilogue: it stays a separate loop nest
             log.debug("epilogue kept separate: %s", err)
             break
-        folded += 1
-    return folded
 
 
 def _strip_per_tile(sch: s_tir.Schedule, write_back, outer) -> bool:
