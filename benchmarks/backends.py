@@ -11,7 +11,8 @@ length dynamic, as generation does).  Any spec may end in ``+PIPELINE`` for the 
 eager row is then that graph run by PyTorch.  ``@B`` sets the batch of any image model (default 8).
 
 Backends: eager, torch.compile, onnxruntime, tvm (fxpress default schedules, static shapes),
-tvm-dynamic (the wider ViTs: one build with a dynamic batch, shared by @1 and @64), tvm-tuned
+tvm-dynamic (the wider ViTs: one build with a dynamic batch up to 64, its memory planned for that bound
+(``max_sizes``), shared by @1 and @64), tvm-tuned
 (MetaSchedule, N trials over the heaviest functions; the database goes to DIR/<model> and is reused by
 the next run, else a temporary folder; compile_s of a first run includes ~40 s of TVM start-up).
 Default: the zoo, two compressed zoo rows, the 16 wider-ViT configurations (plain and merged) and the
@@ -49,8 +50,9 @@ IMAGE_BATCH = 8
 # timm-style ViTs beyond the zoo (random weights: speed only), 12 blocks, at batch 1 and 64, plain and with
 # ToMe merging (r tokens per block: 50 -> 14 tokens, 197 -> 41 as ToMe's ViT-S r=13)
 MERGE_R = {50: 3, 197: 13}
+MAX_BATCH = 64  # the dynamic builds serve batches up to this (memory planned for it)
 WIDE_VITS = tuple(f"vit-w{width}-t{tokens}@{batch}{merge}" for width in (192, 384) for tokens in (50, 197)
-                  for batch in (1, 64) for merge in ("", f"+merge-tokens{{r={MERGE_R[tokens]}}}"))
+                  for batch in (1, MAX_BATCH) for merge in ("", f"+merge-tokens{{r={MERGE_R[tokens]}}}"))
 QUICK_WIDE_VITS = tuple(spec for spec in WIDE_VITS if spec.startswith("vit-w192-t50"))
 # SmolLM2-135M: prefill logits of one prompt, and one decode step (one token, a past of P tokens) the way
 # generation compiles it (fxpress.generation.DecoderStep, the past length dynamic)
@@ -150,7 +152,7 @@ def build_backends(bench: BenchModel, tune_trials: int, tuning_dir: str | None =
             dynamic = capture(bench.module, inputs, name=bench.name, dynamic=bench.dynamic_dims)
             if pipeline:
                 dynamic = PassManager(pipeline).run(dynamic).graph
-            compiled = backends.compile(dynamic, "llvm", dynamic=True)
+            compiled = backends.compile(dynamic, "llvm", dynamic=True, max_sizes=MAX_BATCH)
             _DYNAMIC_BUILDS[key] = (compiled, compiled.info["compile_s"])
         built["tvm-dynamic"] = _DYNAMIC_BUILDS[key]
     if tune_trials:

@@ -95,7 +95,8 @@ class TVMBackend(Backend):
 
     def build(self, graph: Graph, target: str, *, dynamic: bool = False, tune_trials: int = 0,
               tuning_dir: str | Path | None = None, schedule: bool = True,
-              dump_ir: str | Path | None = None, rpc: str | None = None, rpc_key: str | None = None) -> Build:
+              dump_ir: str | Path | None = None, rpc: str | None = None, rpc_key: str | None = None,
+              max_sizes: int | dict[str, int] | None = None) -> Build:
         from fxpress.backends.tvm import prepare_runtime
         from fxpress.backends.tvm.driver import build_tvm
 
@@ -103,7 +104,7 @@ class TVMBackend(Backend):
         executable, inputs, structure, info = build_tvm(graph, get_target(target), dynamic=dynamic,
                                                         tune_trials=tune_trials, tuning_dir=tuning_dir,
                                                         schedule=schedule, dump_ir=dump_ir, rpc=rpc,
-                                                        rpc_key=rpc_key)
+                                                        rpc_key=rpc_key, max_sizes=max_sizes)
         return Build(executable, inputs, structure, info)
 
     def load(self, folder: Path, manifest: dict, params: dict[str, np.ndarray]) -> Any:

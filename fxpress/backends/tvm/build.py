@@ -32,9 +32,11 @@ def make_target(spec: TargetSpec):
 
 
 def compile_relax(lowered: Lowered, spec: TargetSpec, *, database_dir: str | None = None,
-                  schedule: bool = True, dump_ir: str | Path | None = None):
+                  schedule: bool = True, dump_ir: str | Path | None = None,
+                  upper_bounds: dict[str, int] | None = None):
     """``tvm.compile`` with fxpress's pipeline; returns (VMExecutable, seconds).  dump_ir: a folder for
-    the module as TVMScript after fusion and after scheduling (:func:`.pipeline.build_pipeline`)."""
+    the module as TVMScript after fusion and after scheduling; upper_bounds: {TIR variable: its largest
+    value} for memory planning (:func:`.pipeline.build_pipeline`)."""
     import tvm
 
     from fxpress.backends.tvm.pipeline import build_pipeline
@@ -44,7 +46,8 @@ def compile_relax(lowered: Lowered, spec: TargetSpec, *, database_dir: str | Non
     try:
         executable = tvm.compile(lowered.mod, target,
                                  relax_pipeline=build_pipeline(target, database_dir=database_dir,
-                                                               schedule=schedule, dump_dir=dump_ir))
+                                                               schedule=schedule, dump_dir=dump_ir,
+                                                               upper_bounds=upper_bounds))
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds
         raise LoweringError(f"TVM failed to compile for {spec.name}: {type(err).__name__}: "
                             f"{str(err).strip().splitlines()[-1][:400]}") from err
@@ -117,10 +120,11 @@ class UnloadedTVMExecutable(TVMExecutable):
 
 
 def build_executable(lowered: Lowered, spec: TargetSpec, *, database_dir: str | None = None,
-                     schedule: bool = True, dump_ir: str | Path | None = None):
+                     schedule: bool = True, dump_ir: str | Path | None = None,
+                     upper_bounds: dict[str, int] | None = None):
     """Compile and wrap; returns (executable, compile seconds)."""
     library, seconds = compile_relax(lowered, spec, database_dir=database_dir, schedule=schedule,
-                                     dump_ir=dump_ir)
+                                     dump_ir=dump_ir, upper_bounds=upper_bounds)
     if not spec.runs_on_host():
         return UnloadedTVMExecutable(library, lowered.params, lowered.param_names, spec.name), seconds
     device = "cuda" if spec.name == "cuda" else "cpu"

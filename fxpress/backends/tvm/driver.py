@@ -16,7 +16,8 @@ from fxpress.ir.opinfo import op_label
 
 def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int,
               tuning_dir: str | Path | None, schedule: bool, dump_ir: str | Path | None = None,
-              rpc: str | None = None, rpc_key: str | None = None) -> tuple:
+              rpc: str | None = None, rpc_key: str | None = None,
+              max_sizes: int | dict[str, int] | None = None) -> tuple:
     """(executable, input signature, IOStructure, info) for `graph` compiled for `spec`.
 
     tune_trials / tuning_dir: MetaSchedule tuning (llvm only) into a JSON database; a later build with
@@ -25,14 +26,16 @@ def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int
     schedule: fxpress's default CPU schedules (False: TVM's naive loops).
     dump_ir: a folder for the IR as TVMScript text: ``00_lowered.relax.py`` (the Relax module lowered
     from the graph), ``01_fused.tir.py`` and ``02_scheduled.tir.py`` (before and after the schedules).
+    max_sizes: bounds of the dynamic dims (:func:`.lowering.bound_dynamic_dims`).
     """
     from fxpress.backends.tvm import load_rules
     from fxpress.backends.tvm.build import build_executable
-    from fxpress.backends.tvm.lowering import to_relax
+    from fxpress.backends.tvm.lowering import bound_dynamic_dims, to_relax
     from fxpress.backends.tvm.pipeline import write_ir
 
     load_rules()
     lowered = to_relax(graph, dynamic=dynamic)
+    upper_bounds = None if max_sizes is None else bound_dynamic_dims(lowered, max_sizes, graph.name)
     if dump_ir is not None:
         write_ir(lowered.mod, dump_ir, "00_lowered.relax.py")
     info: dict = {}
@@ -42,7 +45,7 @@ def build_tvm(graph: Graph, spec: TargetSpec, *, dynamic: bool, tune_trials: int
                                                 rpc=rpc, rpc_key=rpc_key)
     try:
         executable, seconds = build_executable(lowered, spec, database_dir=database, schedule=schedule,
-                                               dump_ir=dump_ir)
+                                               dump_ir=dump_ir, upper_bounds=upper_bounds)
     except LoweringError as err:
         blamed = blame_intrinsic(graph, spec.name, str(err))
         if blamed is None:

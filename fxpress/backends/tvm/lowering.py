@@ -108,3 +108,52 @@ def to_relax(graph: Graph, *, dynamic: bool = False) -> Lowered:
     params = {name: value.numpy() for name, value in zip(names, values)}
     log.info("lowered %s to Relax: %d inputs, %d params", graph.name, num_inputs, len(names))
     return Lowered(mod=mod, param_names=names, params=params, inputs=flat.inputs, structure=flat.structure)
+
+
+def bound_dynamic_dims(lowered: Lowered, max_sizes: int | dict[str, int], name: str) -> dict[str, int]:
+    """Bound the dynamic dims of `lowered`'s inputs by `max_sizes`; returns {TIR variable: bound} for
+    ``tir_var_upper_bound``, which lets ``StaticPlanBlockMemory`` plan a dynamic build's intermediates
+    into storage allocated once, as a static build's are (every call allocated them anew: 230 storages a
+    call of a dynamic-batch ViT, 30 with bounds).  The bounds enter the input signature, so a larger
+    input is refused by name instead of overrunning the planned storage.
+
+    max_sizes: one bound for every dynamic dim, or {label: bound} by the labels of the signature
+    (``d0``: dim 0 of each input).
+    """
+    from tvm import tirx
+
+    labels = sorted({label for spec in lowered.inputs for label in spec.dynamic.values()})
+    if not labels:
+        raise LoweringError(f"max_sizes bounds dynamic dims, and graph {name} compiles with none: "
+                            "compile with dynamic=True (of a graph captured with dynamic dims), or without max_sizes")
+    if not isinstance(max_sizes, (int, dict)):
+        raise LoweringError(f"max_sizes must be an int or a dict {{label: int}}, got {type(max_sizes).__name__}")
+    wanted = dict.fromkeys(labels, max_sizes) if isinstance(max_sizes, int) else dict(max_sizes)
+    unknown = sorted(set(wanted) - set(labels))
+    if unknown:
+        raise LoweringError(f"max_sizes names {', '.join(map(repr, unknown))}, not dynamic dims of graph {name}; "
+                            f"its dynamic dims are {', '.join(map(repr, labels))}")
+    for label, bound in wanted.items():
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+            raise LoweringError(f"max_sizes[{label!r}] must be an int >= 1, got {bound!r}")
+    bounds: dict[str, int] = {}
+    variables: list[dict[int, str]] = []  # per input: dim -> its TIR variable's name
+    for spec, param in zip(lowered.inputs, lowered.mod["main"].params):
+        variables.append({})
+        for d, label in spec.dynamic.items():
+            if label not in wanted:
+                continue
+            if spec.shape[d] > wanted[label]:
+                raise LoweringError(f"max_sizes[{label!r}] = {wanted[label]} is below the example input "
+                                    f"{spec.name}'s size {spec.shape[d]}: raise the bound")
+            var = param.ty.shape.values[d]
+            if not isinstance(var, tirx.Var):
+                raise LoweringError(f"dim {d} of input {spec.name} is {var} in Relax, not a variable: "
+                                    "it cannot be bounded; compile without max_sizes")
+            bounds[var.name] = min(wanted[label], bounds.get(var.name, wanted[label]))
+            variables[-1][d] = var.name
+    specs = [TensorSpec(spec.name, spec.shape, spec.dtype, dict(spec.dynamic),
+                        {d: bounds[var] for d, var in found.items()})
+             for spec, found in zip(lowered.inputs, variables)]
+    lowered.inputs = specs
+    return bounds

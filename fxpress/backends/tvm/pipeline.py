@@ -239,6 +239,20 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
         return seq(mod)
 
 
+def with_upper_bounds(mod: tvm.IRModule, upper_bounds: dict[str, int]) -> tvm.IRModule:
+    """`mod` with ``tir_var_upper_bound`` on each Relax function that defines one of those variables:
+    ``StaticPlanBlockMemory`` reads it to plan symbolic-size tensors into storage of the bounded size,
+    where without it every such tensor is a fresh allocation per call."""
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        defined = {var.name for var in relax.analysis.defined_symbolic_vars(func)}
+        found = {name: bound for name, bound in upper_bounds.items() if name in defined}
+        if found:
+            mod[gvar] = func.with_attr("tir_var_upper_bound", found)
+    return mod
+
+
 def write_ir(mod: tvm.IRModule, folder: str | Path, name: str) -> Path:
     """Write `mod` as TVMScript text (``mod.script()``) to `folder/name`; returns the path."""
     path = Path(folder) / name
@@ -250,12 +264,14 @@ def write_ir(mod: tvm.IRModule, folder: str | Path, name: str) -> Path:
 
 def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None,
                    schedule: bool = True, dump_dir: str | Path | None = None,
-                   gemv: bool = True) -> tvm.transform.Pass:
+                   gemv: bool = True, upper_bounds: dict[str, int] | None = None) -> tvm.transform.Pass:
     """The whole Relax pipeline for `target` (pass it to ``tvm.compile(relax_pipeline=...)``).
 
     dump_dir: write the module after fusion and after scheduling there (see the module docstring).
     gemv: single-row linears with packed weights and their schedule (:mod:`.gemv_schedule`; llvm
     with schedules only); False leaves them to the other rules, for comparisons.
+    upper_bounds: {TIR variable name: its largest value}; memory planning then allocates a dynamic
+    build's intermediates once, at those sizes (:func:`with_upper_bounds`).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="fxpress_pipeline")
@@ -268,6 +284,8 @@ def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None
             mod = tvm.transform.Sequential(schedule_passes(target, database_dir, schedule, gemv))(mod)
             if dump_dir is not None:
                 write_ir(mod, dump_dir, "02_scheduled.tir.py")
+            if upper_bounds:
+                mod = with_upper_bounds(mod, upper_bounds)
             return tvm.transform.Sequential(_lower_and_finalize(cuda=target.kind.name == "cuda"))(mod)
 
     return _pipeline
