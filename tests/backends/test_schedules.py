@@ -298,6 +298,18 @@ def test_a_reshape_to_plain_symbolic_dims_is_injective_so_it_fuses():
     assert patterns == {"tvm": [8, 8], "fxpress": [2, 8]}
 
 
+def test_token_rows_pad_only_where_the_tiles_dividing_them_cost_more():
+    """AVX-512 (16 lanes, 30 registers): 50 rows take a 10 x 2 tile and 44 an 11 x 2, so they stay
+    unpadded (a 54- or 48-row matmul plus the pad and slice copies cost more); 47, 41 and 197 have no
+    dividing tile of 4 rows or more and pad.  AVX2 (8 lanes, 15 registers) has no 10- or 11-row tile
+    and pads 44 and 50; 20 rows cost the same as 24 there, so they are left unpadded."""
+    from fxpress.backends.tvm.schedules import pads_rows
+
+    assert [t for t in (50, 47, 44, 41, 32, 197, 20, 48) if pads_rows(t, 768, 16)] == [47, 41, 197]
+    assert [t for t in (50, 47, 44, 41, 32, 197, 20, 48) if pads_rows(t, 768, 8)] == [50, 47, 44, 41, 32, 197]
+    assert pads_rows(50) and not pads_rows(48)  # without the columns: every count off a multiple of 6
+
+
 @pytest.mark.parametrize("tokens,dynamic", [(47, False), (48, True)])
 def test_static_rows_and_whole_tiles_of_token_rows_are_not_padded(tokens, dynamic):
     graph = capture(TokenMLP().eval(), (torch.randn(2, tokens, 40),), dynamic=dynamic, name="token-mlp")

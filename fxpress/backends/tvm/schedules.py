@@ -191,11 +191,16 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
     is a known multiple (batch x 50 tokens: `row_multiple` 50) the row tile divides
     that multiple, so no row tile is partial and no predicate enters the update.
     """
-    budget = register_budget(lanes)
-    col_options = [lanes * v for v in (1, 2, 3, 4)]
     row_options = range(1, 13)
     if not isinstance(n_rows, int) and max(r for r in row_options if row_multiple % r == 0) >= 4:
         row_options = [r for r in row_options if row_multiple % r == 0]
+    return _best_tile(n_rows, n_cols, lanes, row_options)[0]
+
+
+def _best_tile(n_rows, n_cols, lanes: int, row_options) -> tuple[tuple[int, int], tuple | None]:
+    """(the cheapest register tile with rows from `row_options`, its cost key): :func:`register_tile`."""
+    budget = register_budget(lanes)
+    col_options = [lanes * v for v in (1, 2, 3, 4)]
     best, best_cost = (ROWS, lanes * MAX_COLUMN_VECTORS), None
     for cols in col_options:
         vectors = max(cols // lanes, 1)
@@ -211,7 +216,7 @@ def register_tile(n_rows, n_cols, lanes: int, row_multiple: int = 1) -> tuple[in
             key = (cost, work, (rows + vectors) / accumulators) if lanes < 16 else (cost,)
             if best_cost is None or _better(key, best_cost):
                 best, best_cost = (rows, cols), key
-    return best
+    return best, best_cost
 
 
 
@@ -411,11 +416,23 @@ class Injective(ScheduleRule):
 ROW_PAD = 6  # a padded token count is a multiple of 6: row tiles of 6 (AVX2), 12 and 8 (AVX-512 with 48)
 
 
-def pads_rows(tokens: int) -> bool:
-    """Whether `tokens` rows per batch item pad: all but multiples of ROW_PAD.  The tiles dividing
-    them are slower: 47, 197 or 41 rows have none of 4 or more, and a 44-row feed-forward matmul of
-    a width-192 ViT (tiles dividing 44) took 28 ms at batch 64, padded to 48 rows 16 ms."""
-    return tokens % ROW_PAD != 0
+def pads_rows(tokens: int, columns: int = 0, lanes: int = 8) -> bool:
+    """Whether `tokens` rows per batch item pad to a multiple of ROW_PAD: when the register tiles dividing
+    `tokens` cost more than those dividing the padded count over its padded rows (:func:`register_tile`'s
+    cost).  47, 197 or 41 rows have no dividing tile of 4 rows or more; on AVX2 a 44-row feed-forward
+    matmul of a width-192 ViT (tiles dividing 44) took 28 ms at batch 64, padded to 48 rows 16 ms.  With
+    AVX-512's 30 registers 44 rows take an 11 x 2 tile and 50 a 10 x 2, cheaper than padding to 48 and 54
+    plus the pad and slice copies.  Without `columns`: every count that is not a multiple of ROW_PAD."""
+    padded = round_up(tokens, ROW_PAD)
+    if padded == tokens:
+        return False
+    if not columns:
+        return True
+
+    def cost(rows: int) -> float:
+        return _best_tile(rows, columns, lanes, [r for r in range(1, 13) if rows % r == 0])[1][0]
+
+    return cost(padded) < cost(tokens)
 
 
 def _slice_axes(call: relax.Call, rank: int) -> set[int]:
@@ -479,11 +496,12 @@ class _PadMatmulMutator(relax.PyExprMutator):
         if x_shape is None or len(x_shape) != 3:
             return None
         batch, tokens, _ = x_shape
-        if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) or not pads_rows(int(tokens)):
+        columns = w_shape[1]
+        if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) \
+                or not pads_rows(int(tokens), int(columns), self.lanes):
             return None
         tokens = int(tokens)
         padded = round_up(tokens, ROW_PAD)
-        columns = w_shape[1]
         bb = self.builder_
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
         product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
