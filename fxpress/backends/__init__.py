@@ -40,8 +40,8 @@ def compile(graph: Graph, target: str = "llvm", *, dynamic: bool = False, **opti
     (functions with a record are not tuned again). Without it, a temporary folder.
     schedule: apply fxpress's default CPU schedules (False: TVM's naive loops).
     max_sizes: with dynamic, the largest size of each dynamic dim (an int for all, or {label: int} by the
-    signature's labels, ``d0`` for dim 0): memory is then planned once for those sizes instead of
-    allocated per call, and larger inputs are refused.
+    signature's labels, ``d0`` for dim 0): intermediates then share storages planned for those sizes,
+    as a static build's do, instead of one allocation each, and larger inputs are refused.
     dump_ir: a folder for the IR as TVMScript text: the Relax module lowered from the graph
     (00_lowered.relax.py), and the module after fusion and after scheduling (01_fused.tir.py,
     02_scheduled.tir.py), the TIR that the build turns into code.

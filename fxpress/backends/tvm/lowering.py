@@ -112,10 +112,11 @@ def to_relax(graph: Graph, *, dynamic: bool = False) -> Lowered:
 
 def bound_dynamic_dims(lowered: Lowered, max_sizes: int | dict[str, int], name: str) -> dict[str, int]:
     """Bound the dynamic dims of `lowered`'s inputs by `max_sizes`; returns {TIR variable: bound} for
-    ``tir_var_upper_bound``, which lets ``StaticPlanBlockMemory`` plan a dynamic build's intermediates
-    into storage allocated once, as a static build's are (every call allocated them anew: 230 storages a
-    call of a dynamic-batch ViT, 30 with bounds).  The bounds enter the input signature, so a larger
-    input is refused by name instead of overrunning the planned storage.
+    ``tir_var_upper_bound``, which lets ``StaticPlanBlockMemory`` plan a dynamic build's symbolic-size
+    intermediates into a few shared storages of the bounded size, as a static build's are (without a
+    bound each is a storage of its own: 230 storage allocations a call of a merged dynamic-batch ViT, 12
+    with one).  The bounds enter the input signature, so a larger input is refused by name instead of
+    overrunning the planned storage.
 
     max_sizes: one bound for every dynamic dim, or {label: bound} by the labels of the signature
     (``d0``: dim 0 of each input).

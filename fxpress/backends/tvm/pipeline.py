@@ -241,8 +241,8 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
 
 def with_upper_bounds(mod: tvm.IRModule, upper_bounds: dict[str, int]) -> tvm.IRModule:
     """`mod` with ``tir_var_upper_bound`` on each Relax function that defines one of those variables:
-    ``StaticPlanBlockMemory`` reads it to plan symbolic-size tensors into storage of the bounded size,
-    where without it every such tensor is a fresh allocation per call."""
+    ``StaticPlanBlockMemory`` reads it to plan symbolic-size tensors into shared storages of the bounded
+    size, where without it every such tensor is a storage of its own."""
     for gvar, func in list(mod.functions_items()):
         if not isinstance(func, relax.Function):
             continue
@@ -270,8 +270,8 @@ def build_pipeline(target: tvm.target.Target, *, database_dir: str | None = None
     dump_dir: write the module after fusion and after scheduling there (see the module docstring).
     gemv: single-row linears with packed weights and their schedule (:mod:`.gemv_schedule`; llvm
     with schedules only); False leaves them to the other rules, for comparisons.
-    upper_bounds: {TIR variable name: its largest value}; memory planning then allocates a dynamic
-    build's intermediates once, at those sizes (:func:`with_upper_bounds`).
+    upper_bounds: {TIR variable name: its largest value}; memory planning then shares storages between
+    a dynamic build's intermediates, sized for those values (:func:`with_upper_bounds`).
     """
 
     @tvm.transform.module_pass(opt_level=0, name="fxpress_pipeline")
