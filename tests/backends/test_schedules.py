@@ -307,7 +307,7 @@ def test_token_rows_pad_only_where_the_tiles_dividing_them_cost_more():
 
     assert [t for t in (50, 47, 44, 41, 32, 197, 20, 48) if pads_rows(t, 768, 16)] == [47, 41, 197]
     assert [t for t in (50, 47, 44, 41, 32, 197, 20, 48) if pads_rows(t, 768, 8)] == [50, 47, 44, 41, 32, 197]
-    assert pads_rows(50) and not pads_rows(48)  # without the columns: every count off a multiple of 6
+    assert not pads_rows(48, 768, 8)  # a multiple of 6 never pads
 
 
 @pytest.mark.parametrize("tokens,dynamic", [(47, False), (48, True)])

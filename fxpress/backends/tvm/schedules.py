@@ -416,18 +416,16 @@ class Injective(ScheduleRule):
 ROW_PAD = 6  # a padded token count is a multiple of 6: row tiles of 6 (AVX2), 12 and 8 (AVX-512 with 48)
 
 
-def pads_rows(tokens: int, columns: int = 0, lanes: int = 8) -> bool:
+def pads_rows(tokens: int, columns: int, lanes: int) -> bool:
     """Whether `tokens` rows per batch item pad to a multiple of ROW_PAD: when the register tiles dividing
     `tokens` cost more than those dividing the padded count over its padded rows (:func:`register_tile`'s
     cost).  47, 197 or 41 rows have no dividing tile of 4 rows or more; on AVX2 a 44-row feed-forward
     matmul of a width-192 ViT (tiles dividing 44) took 28 ms at batch 64, padded to 48 rows 16 ms.  With
-    AVX-512's 30 registers 44 rows take an 11 x 2 tile and 50 a 10 x 2, cheaper than padding to 48 and 54
-    plus the pad and slice copies.  Without `columns`: every count that is not a multiple of ROW_PAD."""
+    AVX-512's 30 registers 44 rows take an 11 x 2 tile and 50 a 10 x 2, which cost less than 48 and 54
+    padded rows even before the pad and slice copies that padding adds."""
     padded = round_up(tokens, ROW_PAD)
     if padded == tokens:
         return False
-    if not columns:
-        return True
 
     def cost(rows: int) -> float:
         return _best_tile(rows, columns, lanes, [r for r in range(1, 13) if rows % r == 0])[1][0]
