@@ -62,8 +62,17 @@ def fixed_size(fn: Any, dim: int, input_index: int = 0) -> int | None:
     return fixed[input_index].get(dim) if input_index < len(fixed) else None
 
 
+def bounded_size(fn: Any, dim: int, input_index: int = 0) -> int | None:
+    """The largest size input `input_index` of `fn` takes along a bounded dynamic `dim` (a compiled model
+    built with ``max_sizes``), or None."""
+    specs = getattr(fn, "inputs", None)
+    if isinstance(specs, list) and input_index < len(specs) and isinstance(specs[input_index], TensorSpec):
+        return specs[input_index].bounds.get(dim)
+    return None
+
+
 def batch_size_for(fn: Any, requested: int | None, default: int) -> int:
-    """`fn`'s static batch size if it has one, else `requested` or `default`."""
+    """`fn`'s static batch size if it has one, else `requested` or `default` (at most its bound)."""
     return _size_for(fn, BATCH_DIM, requested, default, "batch", "batch_size={static}", "a dynamic batch")
 
 
@@ -78,7 +87,11 @@ def _size_for(fn: Any, dim: int, requested: int | None, default: int, what: str,
         raise DataError(f"{what} must be >= 1, got {requested}")
     static = fixed_size(fn, dim)
     if static is None:
-        return requested or default
+        bound = bounded_size(fn, dim)
+        if bound is not None and requested is not None and requested > bound:
+            raise DataError(f"{_name(fn)} takes a {what} of at most {bound} (compiled with max_sizes): "
+                            f"ask for {bound} or fewer, or compile it with a larger bound")
+        return min(requested or default, bound) if bound is not None else requested or default
     if requested not in (None, static):
         raise DataError(f"{_name(fn)} has a static {what} of {static}: use {use.format(static=static)} "
                         f"(or None), or capture it with {instead}")

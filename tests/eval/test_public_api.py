@@ -186,6 +186,17 @@ def test_accuracy_of_a_compiled_model_follows_its_signature(zoo_model):
     assert accuracy(dynamic, "digits", max_items=21, batch_size=4) == expected
 
 
+def test_accuracy_of_a_bounded_compiled_model_runs_batches_within_its_bound(zoo_model):
+    """A TVM build with max_sizes=8 refuses batches above 8: evaluation's default batch (256) is cut to 8,
+    and asking for more is one clear DataError."""
+    cnn = zoo_model("cnn-digits")
+    graph = fxpress.capture(cnn.module, cnn.example_inputs, dynamic=True)
+    bounded = fxpress.compile(graph, "llvm", dynamic=True, max_sizes=8)
+    assert accuracy(bounded, "digits", max_items=21) == accuracy(cnn.module, "digits", max_items=21)
+    with pytest.raises(DataError, match=r"batch of at most 8 \(compiled with max_sizes\)"):
+        accuracy(bounded, "digits", max_items=21, batch_size=16)
+
+
 # -- retrieval MRR ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
