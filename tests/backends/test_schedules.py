@@ -329,6 +329,9 @@ def test_a_larger_than_l2_runs_in_row_blocks_padded_least_and_matches_eager():
     # near the budget pads a few tiles instead
     block = _row_block(12608, 192, 6)
     assert A_BLOCK_BYTES // 2 <= block * 6 * 192 * 4 <= A_BLOCK_BYTES and -(-2102 // block) * block - 2102 < 10
+    # the same rows in AVX-512's tiles of 8 are whole (1,576 = 8 x 197 tiles): no block of 16-32 divides
+    # them, so a smaller one that does (8 tiles, 64 rows), rather than no block at all
+    assert _row_block(12608, 192, 8) == 8 and _row_block(8 * 197, 192, 8) is None
     batch = tirx.Var("n", "int64")
     assert _row_block(batch * 8, 384, 6, row_multiple=8) is None  # symbolic rows the tile does not divide
     # a dynamic batch of 198-token rows: blocks divide the 33 tiles of one image (11 x 6 x 256 floats)
@@ -338,6 +341,9 @@ def test_a_larger_than_l2_runs_in_row_blocks_padded_least_and_matches_eager():
     x = torch.randn(2, 1000, 256)  # 2000 rows of A: 2 MB
     graph = capture(model, (x,), name="big-a")
     compiled = backends.compile(graph, "llvm")
+    assert (compiled(x) - model(x)).abs().max().item() < 1e-4
+    x = torch.randn(64, 197, 256)  # 12,608 rows: whole row tiles on AVX-512, padded ones on AVX2
+    compiled = backends.compile(capture(model, (x,), name="vit-batch"), "llvm")
     assert (compiled(x) - model(x)).abs().max().item() < 1e-4
     x = torch.randn(2, 198, 256)
     graph = capture(model, (x,), name="big-a-dynamic", dynamic={0: {0: "batch"}})
