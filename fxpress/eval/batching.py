@@ -26,9 +26,14 @@ def fixed_dims(fn: Any) -> list[dict[int, int]]:
     """Per input of `fn`: dim -> the size it must have.  Empty for callables that take any shape."""
     if isinstance(fn, Graph):
         return _graph_fixed_dims(fn)
+    return [{d: size for d, size in enumerate(s.shape) if d not in s.dynamic} for s in _signature(fn)]
+
+
+def _signature(fn: Any) -> list[TensorSpec]:
+    """A compiled model's input signature; [] for other callables."""
     specs = getattr(fn, "inputs", None)
     if isinstance(specs, list) and specs and all(isinstance(s, TensorSpec) for s in specs):
-        return [{d: size for d, size in enumerate(s.shape) if d not in s.dynamic} for s in specs]
+        return specs
     return []
 
 
@@ -65,10 +70,8 @@ def fixed_size(fn: Any, dim: int, input_index: int = 0) -> int | None:
 def bounded_size(fn: Any, dim: int, input_index: int = 0) -> int | None:
     """The largest size input `input_index` of `fn` takes along a bounded dynamic `dim` (a compiled model
     built with ``max_sizes``), or None."""
-    specs = getattr(fn, "inputs", None)
-    if isinstance(specs, list) and input_index < len(specs) and isinstance(specs[input_index], TensorSpec):
-        return specs[input_index].bounds.get(dim)
-    return None
+    specs = _signature(fn)
+    return specs[input_index].bounds.get(dim) if input_index < len(specs) else None
 
 
 def batch_size_for(fn: Any, requested: int | None, default: int) -> int:
