@@ -90,9 +90,6 @@ class Matmul(ScheduleRule):
         row_tile, col_tile = register_tile(n_rows, extent(sch, cols), lanes, row_multiple=row_multiple)
         block = _row_block(n_rows, extent(sch, red), row_tile, row_multiple) \
             if extent(sch, batch) == 1 else None  # batched: padding rows copied A per batch
-        if block and isinstance(n_rows, int) and n_rows % row_tile == 0 and (n_rows // row_tile) % block:
-            block = None  # whole tiles no block divides: a pad_einsum for blocks alone failed the rule on a
-            # packed vocabulary head (dlight folds its panels into the columns)
         row_pad = row_tile * (block or 1)  # whole blocks of whole row tiles
         padded = [1, _pad_to(n_rows, row_pad), _pad_to(extent(sch, cols), col_tile), 1]
         if padded[1:3] != [1, 1]:
@@ -166,7 +163,8 @@ def _row_block(rows, depth, row_tile: int, row_multiple: int = 1) -> int | None:
     if tiles * row_tile * depth * 4 <= 2 * A_BLOCK_BYTES:
         return None
     target = max(A_BLOCK_BYTES // (4 * depth * row_tile), 1)
-    if rows % row_tile == 0:  # whole tiles: only a block dividing them (see Matmul._tile), if need be smaller
+    if rows % row_tile == 0:  # whole tiles: only a block dividing them, if need be smaller (a pad_einsum for
+        # blocks alone failed the matmul rule on a packed vocabulary head: dlight folds its panels into columns)
         dividing = [block for block in range(2, target + 1) if tiles % block == 0]
         return max(dividing) if dividing else None
     best = min(range(max(target // 2, 1), target + 1), key=lambda block: (round_up(tiles, block), -block))
