@@ -1,7 +1,8 @@
 """Quantization benchmark: RTN, GPTQ, quantized-distill, diff-quant and torchao peers on zoo models, in one run.
 
     python benchmarks/quant.py [--quick] [--json PATH] [--only smollm2,minilm,vit-mnist,cnn-digits]
-                               [--blocks N] [--max-items N] [--steps-scale X]
+                               [--methods "rtn int2 int-zero;quantized-distill int2"]
+                               [--blocks N] [--max-items N] [--steps-scale X] [--train-threads N]
 
 SmolLM2-135M: perplexity on ``--blocks`` 64-token test blocks of both pydoc-topics and Shakespeare;
 calibration mixes the train splits of both (GPTQ calibrated on one domain loses on the other).  Its
@@ -19,7 +20,7 @@ metric_delta, seconds, latency_b1_ratio, latency_b64_ratio (and ``note`` where s
   quantized-distill) count at 4 bytes a weight, and removed blocks count 0.  bits_per_weight = 32 x that.
   torchao rows count the stored tensors inside its tensor subclasses.
 - metric_delta: relative change of perplexity (+0.05 = 5% worse) or accuracy / MRR difference in points.
-- seconds: the pass pipeline's time (torchao: quantize_'s).
+- seconds: the pass pipeline's wall time, at --train-threads threads (default 1; torchao: quantize_'s).
 - latency ratios: forward time of the method over the fp32 graph, thread CPU time at 1 thread, median of
   interleaved rounds; quantized graphs compiled with the native target (4-bit and per-channel 8-bit on the
   C kernels, 2/3-bit and codebooks on the op's reference), torchao modules eager against the fp32 module.
@@ -73,11 +74,13 @@ class Method:
     steps: int = 0  # training steps of the pipeline (scaled by --steps-scale, and in --quick)
     note: str = ""
     quick: bool = False  # part of --quick
+    batch_size: int | None = None  # calibration rows per batch instead of the model plan's (same batch count)
 
 
 # SmolLM2 settings of quantized-distill and diff-quant: the best of the sweep in docs/quantization.md.
 SMOL_QD4 = "quantized-distill{bits=4,group=32,zero=int,init=gptq,lr=5e-05,steps={steps},train_float=true,alpha=1.0,T=1.0}"
-SMOL_QD2 = "quantized-distill{bits=2,group=32,zero=int,init=rtn,lr=1e-04,steps={steps},train_float=true,alpha=1.0,T=1.0}"
+SMOL_QD2 = ("quantized-distill{bits=2,group=32,zero=int,grid=learned,blockwise=4,lr=1e-04,grid_lr=1e-03,steps={steps},"
+            "train_float=true,alpha=1.0,T=1.0}")
 SMOL_DQ2 = "diff-quant{bits=2,group=32,zero=int,steps={steps},lr=0.01,alpha=1.0,T=1.0}"
 SMOL_SHALLOW = "remove-layers{count=3,metric=angular},"  # 30 -> 27 blocks
 
@@ -98,8 +101,9 @@ SMOLLM2 = (
     Method("rtn int2 int-zero", 2, 32, "quantize{bits=2,group=32,zero=int}", quick=True),
     Method("gptq int2 int-zero", 2, 32, "quantize{bits=2,group=32,zero=int,method=gptq}"),
     Method("quantized-distill int4", 4, 32, SMOL_QD4, steps=200, quick=True),
-    Method("quantized-distill int2", 2, 32, SMOL_QD2, steps=200,
-           note="settings not swept (RTN start: GPTQ int2 collapses further than RTN here)"),
+    Method("quantized-distill int2", 2, 32, SMOL_QD2, steps=100, batch_size=4,
+           note="learned grid, 4 epochs of block-wise reconstruction, then 100 end-to-end steps; calibration "
+                "batches of 4 rows"),
     Method("diff-quant int2", 2, 32, SMOL_DQ2, steps=100),
     Method("remove-layers 3 + quantized-distill int4", 4, 32,
            SMOL_SHALLOW + SMOL_QD4.replace("T=1.0}", "T=1.0,teacher=context}"), steps=200,
@@ -147,6 +151,8 @@ class Settings:
     rounds: int = 5  # interleaved latency rounds
     calls: int = 3  # timed calls per round
     models: tuple[str, ...] = MODELS
+    methods: tuple[str, ...] = ()  # row names to run (the fp32 row always runs); empty: all
+    train_threads: int = 1  # torch threads of the pass pipelines (evaluation and latency: 1)
     notes: list[str] = field(default_factory=list)
 
 
@@ -297,8 +303,16 @@ def latencies(baseline: Baseline, fp32: Callable, runner: Callable, settings: Se
 
 def pipeline_row(baseline: Baseline, method: Method, settings: Settings) -> dict:
     text = pipeline_text(method, baseline, settings)
+    ctx = baseline.ctx
+    if method.batch_size is not None:
+        ctx = PassContext(calibration=calibration_for(baseline.zoo, baseline.plan, settings, method.batch_size),
+                          loss=ctx.loss, teacher=ctx.teacher, seed=0)
     started = time.perf_counter()
-    result = PassManager(text).run(baseline.graph, baseline.ctx)
+    torch.set_num_threads(settings.train_threads)  # the pipeline; latency stays at 1 thread
+    try:
+        result = PassManager(text).run(baseline.graph, ctx)
+    finally:
+        torch.set_num_threads(1)
     seconds = time.perf_counter() - started
     graph, notes = result.graph, [method.note] if method.note else []
     values = metric_by_domain(baseline.zoo, graph, baseline.plan, settings)
@@ -336,15 +350,18 @@ def torchao_row(baseline: Baseline, method: Method, settings: Settings) -> dict:
     return make_row(baseline, method, values, module_bytes(quantized) - rest, seconds, latency, note)
 
 
-def prepare(plan: ModelPlan, settings: Settings) -> Baseline:
-    zoo = load_model(plan.name)
+def calibration_for(zoo, plan: ModelPlan, settings: Settings, batch_size: int | None) -> list[tuple]:
     count = max(1, round(plan.calibration * settings.calibration_scale))
     if zoo.task == "causal-lm":  # both domains' train splits, interleaved
-        mixed = zip(calibration_batches(zoo, count, plan.batch_size, source="pydoc-topics"),
-                    calibration_batches(zoo, count, plan.batch_size))
-        calibration = [batch for pair in mixed for batch in pair]
-    else:
-        calibration = calibration_batches(zoo, count, plan.batch_size)
+        mixed = zip(calibration_batches(zoo, count, batch_size, source="pydoc-topics"),
+                    calibration_batches(zoo, count, batch_size))
+        return [batch for pair in mixed for batch in pair]
+    return calibration_batches(zoo, count, batch_size)
+
+
+def prepare(plan: ModelPlan, settings: Settings) -> Baseline:
+    zoo = load_model(plan.name)
+    calibration = calibration_for(zoo, plan, settings, plan.batch_size)
     graph = fxpress.capture(zoo.module, calibration[0], dynamic=zoo.dynamic_dims, name=plan.name)
     ctx = PassContext(calibration=calibration, loss=task_loss_for(zoo), teacher=graph, seed=0)
     layers, left = Quantize().plan(graph)
@@ -363,7 +380,8 @@ def model_rows(plan: ModelPlan, settings: Settings) -> list[dict]:
     log.info("%s fp32: %s (%.0f s)", plan.name, baseline.metric, time.perf_counter() - started)
     rows = [make_row(baseline, plan.methods[0], baseline.metric, baseline.weight_bytes, 0.0, {1: 1.0, 64: 1.0}, "")]
     for method in plan.methods[1:]:
-        if settings.quick and not method.quick:
+        wanted = method.name in settings.methods if settings.methods else method.quick or not settings.quick
+        if not wanted:
             continue
         try:
             rows.append(torchao_row(baseline, method, settings) if method.peer else
@@ -398,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a subset of rows, 8 blocks, 5%% of the steps")
     parser.add_argument("--json", type=Path, help="write {'rows': [...]} here")
     parser.add_argument("--only", default=",".join(MODELS), help="comma-separated models")
+    parser.add_argument("--methods", default="", help="semicolon-separated row names to run instead of the (quick) subset; fp32 always runs")
+    parser.add_argument("--train-threads", type=int, default=1,
+                        help="torch threads while a row's pass pipeline runs (seconds then count them); latency and "
+                             "evaluation stay at 1 thread")
     parser.add_argument("--blocks", type=int, help="64-token blocks per domain for SmolLM2 (default 64, quick 8)")
     parser.add_argument("--max-items", type=int, help="MiniLM stdlib-docs pairs (default 400, quick 100)")
     parser.add_argument("--steps-scale", type=float, help="scale every training row's steps (quick 0.05)")
@@ -405,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     start_run(log, 1)
     settings = Settings(**QUICK) if args.quick else Settings()
     settings.models = tuple(args.only.split(","))
+    settings.train_threads = args.train_threads
+    settings.methods = tuple(filter(None, (name.strip() for name in args.methods.split(";"))))
+    known = {method.name for plan in PLANS.values() for method in plan.methods}
+    unknown = [name for name in settings.methods if name not in known]
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; known: {'; '.join(sorted(known))}")
     for name, value in (("blocks", args.blocks), ("max_items", args.max_items), ("steps_scale", args.steps_scale)):
         if value is not None:
             setattr(settings, name, value)

@@ -1,4 +1,4 @@
-"""The default task loss of passes that score importance, take gradients or train.
+"""The default task loss of passes that score importance, take gradients or train, and their schedule.
 
 `PassContext.task_loss(output, batch, reference)` uses the context's `loss`
 when one is set (an encoder's retrieval loss, a classifier's cross-entropy)
@@ -7,6 +7,7 @@ logits, else the squared error relative to a reference output.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,3 +31,9 @@ def default_task_loss(output: torch.Tensor, batch: tuple, reference: torch.Tenso
         raise ValueError("the output is not causal-LM logits and no reference output was given; set "
                          "PassContext(loss=...) to the model's task loss")
     return ((output - reference) ** 2).mean() / (reference ** 2).mean().clamp_min(1e-12)
+
+
+def cosine_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr * (1 + cos(pi * step / steps)) / 2: the last steps settle on the grid instead of hopping across it."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))

@@ -36,9 +36,11 @@ from fxpress.ir.graph import Graph
 from fxpress.ops.quant import QUANTIZED_OPS, QuantizedWeight, group_params, pack_weight, quant_form
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
 from fxpress.passes.infra.registry import register_pass
+from fxpress.passes.infra.losses import cosine_decay
+from fxpress.passes.quant.grid import grouped
 from fxpress.passes.quant.quantize import Layer, Quantize, layer_weight
-from fxpress.passes.quant.quantized_distill import (check_quant_options, code_domain, cosine_decay,
-                                                    distillation_loss, grouped, output_tensor, refuse_quantized,
+from fxpress.passes.quant.quantized_distill import (check_quant_options, code_domain,
+                                                    distillation_loss, output_tensor, refuse_quantized,
                                                     resolve_teacher, softened_kl, task_loss_kind, teacher_outputs)
 
 QUANTILE_SAMPLE = 1 << 22  # values a quantile initialisation looks at (every k-th of a larger tensor)

@@ -97,14 +97,22 @@ def weight_uses(graph: Graph) -> list[WeightUse]:
 
 
 def head_nodes(graph: Graph, uses: list[WeightUse]) -> set[str]:
-    """Linears the output reaches without passing another matmul, conv or attention: the model's head."""
-    return nearest_linears(graph, uses, from_outputs=True, stops=_STOPS)
+    """Linears the output reaches without passing another matmul, conv or attention, or a residual join:
+    the model's head.  An encoder whose output is its last hidden state (post-LN: LayerNorm(x + dense(h)))
+    has none; through its residual adds every block's output projection would count as a head."""
+    return nearest_linears(graph, uses, from_outputs=True, stops=_STOPS, joins=True)
+
+
+def is_residual_join(node: Node) -> bool:
+    """An add of two tensors (not of a tensor and a number or a size): where a residual stream meets a branch."""
+    return node.op == "call_function" and node.target == aten.add.Tensor and \
+        sum(isinstance(a, Node) and not is_shape_value(a) for a in node.args[:2]) == 2
 
 
 def nearest_linears(graph: Graph, uses: list[WeightUse], *, from_outputs: bool,
-                    stops: tuple[str, ...]) -> set[str]:
+                    stops: tuple[str, ...], joins: bool = False) -> set[str]:
     """Names of the linear nodes reached from the graph's outputs (walking back) or from its inputs
-    (walking forward) without passing an op of a `stops` category.
+    (walking forward) without passing an op of a `stops` category (or, with `joins`, a residual join).
 
     Shape values are not followed: a dynamic capture reads the batch size off the input (`sym_size`),
     and every reshape after it uses that size, so through it the input would "reach" nearly every
@@ -121,7 +129,7 @@ def nearest_linears(graph: Graph, uses: list[WeightUse], *, from_outputs: bool,
             found.add(node.name)
             continue
         info = op_info(node.target) if node.op == "call_function" else None
-        if info is not None and info.category in stops:
+        if (info is not None and info.category in stops) or (joins and is_residual_join(node)):
             continue
         stack.extend(node.all_input_nodes if from_outputs else node.users)
     return found

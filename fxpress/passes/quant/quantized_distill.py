@@ -23,13 +23,21 @@ W' is handed to `quantize` (its rewrite, round to nearest), so the output is exa
 - A graph already holding `quantized_linear` ops is refused: its float weights are gone; run
   quantized-distill instead of quantize (``init=gptq`` starts from GPTQ).
 
+- ``grid=learned`` (for 2 and 3 bits): each group's scale and zero start at the clipped range with the least
+  error weighted by the layer's input mean squares (`grid.searched_grid`; never worse than RTN's min-max
+  grid) and are trained with W' (learned step sizes, `grid.GroupGrid`); the pack stores that grid.
+  ``grid=minmax`` (default) re-derives RTN's grid from W' at every step.
+- ``blockwise=E``: before the end-to-end steps, every residual block (`find_blocks`) is trained for E
+  epochs, one block at a time, to reproduce the input graph's block output from the quantized blocks
+  before it (`blockwise.py`; EfficientQAT's Block-AP); the end-to-end steps then train the grid and the
+  float parameters, not W'.  ``steps=0`` stops after the blocks.
+
 Sparsity masks a pruning pass left (`Graph.masks`) are re-applied to W' after every step.
 Trained tensors are fresh clones: the input graph is never written.  Adam, `steps` steps cycling through
 the calibration batches, `batch` batches per step, the learning rate decayed to 0 on a cosine.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
@@ -39,12 +47,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from fxpress.analysis.blocks import Block, BlockStack, find_blocks, no_blocks_reason
 from fxpress.errors import PreconditionError
 from fxpress.ir.graph import Graph
 from fxpress.ops.quant import BITS, QUANTIZED_LINEAR, QUANTIZED_OPS, decode, encode, group_params, quant_form
 from fxpress.passes.infra.base import Pass, PassContext, PassResult
-from fxpress.passes.infra.losses import default_task_loss, looks_like_lm
+from fxpress.passes.infra.losses import cosine_decay, default_task_loss, looks_like_lm
 from fxpress.passes.infra.registry import register_pass
+from fxpress.passes.quant import blockwise
+from fxpress.passes.quant.grid import GroupGrid, grouped
 from fxpress.passes.quant.layers import WeightUse, nearest_linears, weight_uses
 from fxpress.passes.quant.quantize import Layer, Quantize, layer_weight
 
@@ -52,13 +63,6 @@ _STOPS = ("matmul", "conv", "binary", "attention", "embedding")  # a path from a
 
 
 # -- the quantizer in the forward ------------------------------------------------------------------
-def grouped(weight: Tensor, group: int) -> tuple[Tensor, int]:
-    """(N, K) -> (N, Kp / group, group), zero-padded to Kp (a multiple of group), and Kp."""
-    rows, features = weight.shape
-    padded = math.ceil(features / group) * group
-    return F.pad(weight, (0, padded - features)).view(rows, padded // group, group), padded
-
-
 def fake_quantize(weight: Tensor, bits: int, group: int, form: str, rounding: str = "nearest",
                   generator: torch.Generator | None = None) -> Tensor:
     """Q(W): the values `quantize` would store for W (``rounding=nearest``: exactly RTN's dequantized
@@ -146,12 +150,6 @@ def distillation_loss(output: Any, teacher_out: Tensor, batch: tuple, ctx: PassC
     return alpha * kl + (1 - alpha) * task
 
 
-def cosine_decay(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr * (1 + cos(pi * step / steps)) / 2: the last steps settle on the grid instead of hopping across it."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                             lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
-
-
 def teacher_outputs(teacher: Any, batches: list[tuple]) -> list[Tensor]:
     with torch.no_grad():
         return [output_tensor(teacher(*batch)).detach() for batch in batches]
@@ -198,22 +196,41 @@ class QuantizedDistill(Pass):
     rounding: Literal["nearest", "stochastic"] = "nearest"  # of Q in the training forward; the final pack is nearest
     T: float = 2.0  # distillation temperature
     alpha: float = 0.7  # weight of the distillation term when a labelled task loss exists
-    steps: int = 100
-    lr: float = 1e-4  # Adam's peak step, decayed to 0 on a cosine
+    steps: int = 100  # end-to-end steps (0 only with blockwise > 0)
+    lr: float = 1e-4  # Adam's peak step for W' and float parameters, decayed to 0 on a cosine
     batch: int = 1  # calibration batches per optimizer step (their gradients are summed)
     quantize_first_last: bool = False  # quantize the head and the first linears too
     init: Literal["rtn", "gptq"] = "rtn"  # shadow weights start at W (RTN) or at GPTQ's dequantized W
     train_float: bool = True  # also train the float parameters (biases, norms, float layers)
     teacher: Literal["input", "context"] = "input"  # the input graph, or ctx.teacher
+    grid: Literal["minmax", "learned"] = "minmax"  # RTN's grid of W' each step, or searched then trained scales
+    grid_lr: float = 1e-3  # Adam's peak step for the scales and zeros of grid=learned
+    blockwise: int = 0  # epochs of block-by-block reconstruction before the end-to-end steps (0: none)
     targets: tuple[str, ...] = ()  # as quantize
     skip: tuple[str, ...] = ()
     pad: bool = False
 
     def __post_init__(self) -> None:
         check_quant_options(self, self.bits, self.group, self.scheme, self.zero)
-        if self.steps < 1 or self.batch < 1 or not self.lr > 0 or not self.T > 0 or not 0 <= self.alpha <= 1:
-            raise self.bad_option(f"steps and batch must be >= 1, lr and T > 0, alpha in [0, 1]; got steps="
+        if self.steps < 0 or self.batch < 1 or not self.lr > 0 or not self.T > 0 or not 0 <= self.alpha <= 1:
+            raise self.bad_option(f"steps must be >= 0, batch >= 1, lr and T > 0, alpha in [0, 1]; got steps="
                                   f"{self.steps}, batch={self.batch}, lr={self.lr}, T={self.T}, alpha={self.alpha}")
+        if self.blockwise < 0 or not self.grid_lr > 0:
+            raise self.bad_option(f"blockwise must be >= 0 and grid_lr > 0; got blockwise={self.blockwise}, "
+                                  f"grid_lr={self.grid_lr}")
+        if self.steps == 0 and self.blockwise == 0:
+            raise self.bad_option("steps=0 trains nothing: give steps >= 1, or blockwise >= 1 epochs of block-wise "
+                                  "reconstruction")
+        if self.steps and self.blockwise and self.grid == "minmax" and not self.train_float:
+            raise self.bad_option("nothing to train end to end: after blockwise reconstruction the steps train the "
+                                  "grid and float parameters, and here the grid is minmax and train_float=false; "
+                                  "set steps=0, grid=learned or train_float=true")
+        if self.grid == "learned" and self.rounding == "stochastic":
+            raise self.bad_option("rounding=stochastic applies to grid=minmax; a learned grid rounds to nearest "
+                                  "(its scales are trained through that rounding)")
+        if self.blockwise and self.teacher == "context":
+            raise self.bad_option("blockwise reconstruction matches each block to the same block of the input "
+                                  "graph; with teacher=context (a different graph) use blockwise=0")
 
     def quantizer(self, graph: Graph) -> Quantize:
         """The `quantize` pass choosing and packing the same layers (first layers skipped unless asked)."""
@@ -235,6 +252,21 @@ class QuantizedDistill(Pass):
         if not quantizer.plan(graph)[0]:
             raise PreconditionError("no float linear to quantize (the head and first linears stay float unless "
                                     "quantize_first_last=true)", self.name)
+        if self.blockwise:
+            self._stack(graph)
+
+    def _stack(self, graph: Graph) -> BlockStack:
+        """The residual blocks blockwise reconstruction trains one by one, or a PreconditionError saying why not."""
+        stack = find_blocks(graph)
+        if stack is None:
+            raise PreconditionError(f"blockwise={self.blockwise} needs a stack of repeated residual blocks: "
+                                    f"{no_blocks_reason(graph)}; use blockwise=0", self.name)
+        carried = next((b for b in stack.blocks if b.carried), None)
+        if carried is not None:
+            raise PreconditionError(f"block {carried.path} carries state besides its hidden stream (token sizes of "
+                                    "merged tokens?), which blockwise reconstruction does not replay; run it before "
+                                    "the pass that added that state, or use blockwise=0", self.name)
+        return stack
 
     def __call__(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.requires(graph, ctx)
@@ -244,36 +276,45 @@ class QuantizedDistill(Pass):
         layers, _ = quantizer.plan(graph)
         targets = teacher_outputs(resolve_teacher(graph, ctx, self.teacher, self.name), batches)
         student = graph.copy()
-        shadows = self._shadows(student, layers, quantizer, ctx)
-        floats = self._float_params(student, layers) if self.train_float else []
+        xtx = quantizer.input_statistics(student, layers, ctx) if self.init == "gptq" or self.grid == "learned" \
+            else {}
+        shadows = self._shadows(student, layers, quantizer, xtx)
+        grids = self._grids(student, layers, quantizer, xtx)
+        floats = self._float_params(student, layers) if self.train_float else {}
         initial = {layer.path: layer_weight(graph, layer) for layer in layers}
-        kl_before = self._kl(student, layers, shadows, batches, targets)
-        losses = self._train(student, layers, shadows, floats, batches, targets, ctx)
-        kl_after = self._kl(student, layers, shadows, batches, targets)
-        for param in [*shadows.values(), *floats]:
+        kl_before = self._kl(student, layers, shadows, grids, batches, targets)
+        block_losses = self._blockwise(graph, student, layers, shadows, grids, floats, batches, ctx)
+        losses = self._train(student, layers, shadows, grids, floats, batches, targets, ctx)
+        kl_after = self._kl(student, layers, shadows, grids, batches, targets)
+        for param in [*shadows.values(), *floats.values(), *(p for g in grids.values() for p in g.params)]:
             param.grad = None
             param.requires_grad_(False)
-        result = replace(quantizer, method="rtn").rewrite(student, ctx)
+        pack = (lambda layer, weight, hessian: (grids[layer.path].packed(weight), "quantized-distill (learned grid)")) \
+            if grids else None
+        result = replace(quantizer, method="rtn").rewrite(student, ctx, pack)
         stats = result.stats
         for layer in layers:
             entry = stats["per_layer"][layer.name]
             trained = layer_weight(student, layer)
             entry["weight_change"] = round(float((trained - initial[layer.path]).norm() /
                                                  initial[layer.path].norm().clamp_min(1e-12)), 6)
-        window = max(1, min(len(batches), self.steps // 4))
-        stats.update(method=f"quantized-distill ({self.init} init)", steps=self.steps, rounding=self.rounding,
+        stats.update(method=f"quantized-distill ({self.init} init, {self.grid} grid)", steps=self.steps,
+                     rounding=self.rounding, grid=self.grid, blockwise=self.blockwise,
                      task_loss=task_loss_kind(ctx, batches[0], targets[0]) or "none (no labels: T^2 KL only)",
-                     loss_first=round(sum(losses[:window]) / window, 6),
-                     loss_last=round(sum(losses[-window:]) / window, 6),
                      kl_before=round(kl_before, 6), kl_after=round(kl_after, 6),
-                     trained_float_params=sum(p.numel() for p in floats),
+                     trained_float_params=sum(p.numel() for p in distinct(floats.values())),
                      seconds=round(time.perf_counter() - started, 2))
+        if losses:
+            window = max(1, min(len(batches), self.steps // 4))
+            stats.update(loss_first=round(sum(losses[:window]) / window, 6),
+                         loss_last=round(sum(losses[-window:]) / window, 6))
+        if block_losses:
+            stats["blocks"] = block_losses
         return PassResult(result.graph, modified=True, stats=stats)
 
     def _shadows(self, student: Graph, layers: list[Layer], quantizer: Quantize,
-                 ctx: PassContext) -> dict[str, torch.nn.Parameter]:
+                 xtx: dict) -> dict[str, torch.nn.Parameter]:
         """Fresh trainable shadow weights at each layer's path, starting at W or GPTQ's W."""
-        xtx = quantizer.input_statistics(student, layers, ctx) if self.init == "gptq" else {}
         shadows = {}
         for layer in layers:
             weight = layer_weight(student, layer)
@@ -283,41 +324,105 @@ class QuantizedDistill(Pass):
             shadows[layer.path] = install(student, layer.path, stored.contiguous())
         return shadows
 
-    @staticmethod
-    def _float_params(student: Graph, layers: list[Layer]) -> list[torch.nn.Parameter]:
-        quantized = {id(student.attribute(layer.path)) for layer in layers}
-        params: dict[int, torch.nn.Parameter] = {}
-        for path, tensor in student.referenced_tensors().items():
-            if isinstance(tensor, torch.nn.Parameter) and tensor.is_floating_point() and id(tensor) not in quantized:
-                params.setdefault(id(tensor), install(student, path, tensor.detach().clone()))
-        return list(params.values())
+    def _grids(self, student: Graph, layers: list[Layer], quantizer: Quantize, xtx: dict) -> dict[str, GroupGrid]:
+        """grid=learned: each layer's searched grid, weighted by its inputs' mean squares; else none."""
+        if self.grid != "learned":
+            return {}
+        grids = {}
+        for layer in layers:
+            sums = quantizer.layer_xtx(layer, xtx)
+            importance = None if sums is None else sums.xtx.diagonal() / max(1, sums.rows)
+            grids[layer.path] = GroupGrid(layer_weight(student, layer), self.bits, self.group, quantizer.form,
+                                          importance)
+        return grids
 
-    def _forward(self, student: Graph, layers: list[Layer], shadows: dict, batch: tuple, rounding: str,
-                 generator: torch.Generator | None) -> Any:
+    @staticmethod
+    def _float_params(student: Graph, layers: list[Layer]) -> dict[str, torch.nn.Parameter]:
+        """Fresh trainable clones of the other float parameters, by attribute path (shared tensors: one)."""
+        quantized = {id(student.attribute(layer.path)) for layer in layers}
+        fresh: set[int] = set()
+        for path, tensor in student.referenced_tensors().items():
+            if isinstance(tensor, torch.nn.Parameter) and tensor.is_floating_point() and id(tensor) not in quantized \
+                    and id(tensor) not in fresh:
+                fresh.add(id(install(student, path, tensor.detach().clone())))
+        return {path: tensor for path, tensor in student.referenced_tensors().items() if id(tensor) in fresh}
+
+    def _quantized(self, layers: list[Layer], shadows: dict, grids: dict[str, GroupGrid], rounding: str,
+                   generator: torch.Generator | None) -> dict[str, Tensor]:
+        """{attribute path: Q(W')} as the graph stores the weight, differentiable in W' (and the grid)."""
         overrides = {}
         for layer in layers:
             shadow = shadows[layer.path]
             weight = shadow.t() if layer.transposed else shadow
-            quantized = ste(weight, fake_quantize(weight, self.bits, self.group, quant_form(self.scheme, self.zero),
-                                                  rounding, generator))
+            if layer.path in grids:
+                quantized = grids[layer.path].quantize(weight)
+            else:
+                quantized = ste(weight, fake_quantize(weight, self.bits, self.group,
+                                                      quant_form(self.scheme, self.zero), rounding, generator))
             overrides[layer.path] = quantized.t() if layer.transposed else quantized
-        return functional_call(student.module, overrides, batch)
+        return overrides
 
-    def _kl(self, student: Graph, layers: list[Layer], shadows: dict, batches: list, targets: list) -> float:
+    def _forward(self, student: Graph, layers: list[Layer], shadows: dict, grids: dict, batch: tuple,
+                 rounding: str, generator: torch.Generator | None) -> Any:
+        return functional_call(student.module, self._quantized(layers, shadows, grids, rounding, generator), batch)
+
+    def _kl(self, student: Graph, layers: list[Layer], shadows: dict, grids: dict, batches: list,
+            targets: list) -> float:
         """Mean KL(teacher || student) at T = 1 with Q by nearest rounding: the packed graph's."""
         with torch.no_grad():
-            values = [softened_kl(output_tensor(self._forward(student, layers, shadows, batch, "nearest", None)),
-                                  target, 1.0) for batch, target in zip(batches, targets)]
+            values = [softened_kl(output_tensor(self._forward(student, layers, shadows, grids, batch, "nearest",
+                                                              None)), target, 1.0)
+                      for batch, target in zip(batches, targets)]
         return float(sum(values) / len(values))
 
-    def _train(self, student: Graph, layers: list[Layer], shadows: dict, floats: list, batches: list,
+    def _masks(self, student: Graph, trained: list[torch.nn.Parameter]) -> list[tuple[Tensor, Tensor]]:
+        """(tensor, keep) of the pruned tensors being trained: pruned weights stay zero, as distill keeps them."""
+        ids = {id(p) for p in trained}
+        return [(student.attribute(path), keep.to(student.attribute(path).dtype))
+                for path, keep in student.masks.items() if id(student.attribute(path)) in ids]
+
+    def _blockwise(self, graph: Graph, student: Graph, layers: list[Layer], shadows: dict, grids: dict,
+                   floats: dict, batches: list, ctx: PassContext) -> list[dict]:
+        """blockwise > 0: every block's W', grid and float parameters trained to give the input graph's block output."""
+        if not self.blockwise:
+            return []
+        stack = self._stack(student)
+        by_path = {layer.path: layer for layer in layers}
+
+        def block_layers(block: Block) -> list[Layer]:
+            return [by_path[path] for path in block.params if path in by_path]
+
+        def params_of(block: Block) -> list[tuple[list[torch.nn.Parameter], float]]:
+            mine = block_layers(block)
+            return [([shadows[layer.path] for layer in mine], self.lr),
+                    ([p for layer in mine if layer.path in grids for p in grids[layer.path].params], self.grid_lr),
+                    (distinct(floats[path] for path in block.params if path in floats), self.lr)]
+
+        masks = self._masks(student, [*shadows.values(), *floats.values()])
+
+        def reapply_masks() -> None:
+            with torch.no_grad():
+                for tensor, keep in masks:
+                    tensor.mul_(keep)
+
+        return blockwise.reconstruct(
+            student, graph, stack, batches, params_of,
+            lambda block: self._quantized(block_layers(block), shadows, grids, "nearest", None),
+            self.blockwise, ctx.progress, f"{self.name}: blocks", reapply_masks)
+
+    def _train(self, student: Graph, layers: list[Layer], shadows: dict, grids: dict, floats: dict, batches: list,
                targets: list, ctx: PassContext) -> list[float]:
-        params = [*shadows.values(), *floats]
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        """The end-to-end steps.  After blockwise reconstruction W' stays where its block put it, and the
+        steps train the grid and the float parameters (EfficientQAT's end-to-end stage)."""
+        if not self.steps:
+            return []
+        groups = [([] if self.blockwise else list(shadows.values()), self.lr), (distinct(floats.values()), self.lr),
+                  ([p for g in grids.values() for p in g.params], self.grid_lr)]
+        groups = [(params, lr) for params, lr in groups if params]
+        params = [p for group, _ in groups for p in group]
+        optimizer = torch.optim.Adam([{"params": group, "lr": lr} for group, lr in groups])
         schedule = cosine_decay(optimizer, self.steps)
-        trained = {id(p) for p in params}  # pruned weights (Graph.masks) stay zero, as distill keeps them
-        masks = [(student.attribute(path), keep.to(student.attribute(path).dtype))
-                 for path, keep in student.masks.items() if id(student.attribute(path)) in trained]
+        masks = self._masks(student, params)
         generator, losses, cursor = ctx.generator(), [], 0
         for _ in ctx.progress.track(range(self.steps), self.name, total=self.steps):
             optimizer.zero_grad(set_to_none=True)
@@ -326,7 +431,7 @@ class QuantizedDistill(Pass):
                 index = cursor % len(batches)
                 cursor += 1
                 with torch.enable_grad():
-                    output = self._forward(student, layers, shadows, batches[index], self.rounding, generator)
+                    output = self._forward(student, layers, shadows, grids, batches[index], self.rounding, generator)
                     loss = distillation_loss(output, targets[index], batches[index], ctx, self.T, self.alpha)
                     grads = torch.autograd.grad(loss / self.batch, params, allow_unused=True)  # no .grad elsewhere
                 for param, grad in zip(params, grads):
@@ -340,6 +445,11 @@ class QuantizedDistill(Pass):
                     tensor.mul_(keep)
             losses.append(total)
         return losses
+
+
+def distinct(params: Any) -> list[torch.nn.Parameter]:
+    """Each tensor once (a tied tensor sits at several attribute paths; an optimizer must step it once)."""
+    return list({id(p): p for p in params}.values())
 
 
 def install(graph: Graph, path: str, value: Tensor) -> torch.nn.Parameter:

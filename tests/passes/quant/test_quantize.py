@@ -202,3 +202,27 @@ def test_bad_input_gets_one_clear_error():
         PassManager("quantize{method=gptq,pad=true}").run(graph, PassContext())
     with pytest.raises(PreconditionError, match="targets=blocks.* matches no float linear; module paths here: fc1"):
         PassManager("quantize{targets=blocks.*}").run(graph, PassContext())
+
+
+class PostNormEncoder(nn.Module):
+    """Two post-LN residual blocks, LayerNorm(x + fc(x)), optionally read by a classifier head."""
+
+    def __init__(self, head: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(32, 32), nn.Linear(32, 32)
+        self.norm1, self.norm2 = nn.LayerNorm(32), nn.LayerNorm(32)
+        self.head = nn.Linear(32, 4) if head else None
+
+    def forward(self, x):
+        h = self.norm2(self.fc2(self.norm1(x + self.fc1(x))) + self.norm1(x + self.fc1(x)))
+        return self.head(h) if self.head is not None else h
+
+
+def test_the_head_rule_stops_at_residual_joins():
+    """An encoder returning its last hidden state has no head: the residual writers are quantized too."""
+    x = torch.randn(4, 32)
+    for head, kept in ((False, []), (True, ["head"])):
+        graph = fxpress.capture(PostNormEncoder(head), (x,))
+        result = PassManager("quantize{bits=8}").run(graph, PassContext())
+        assert result.reports[0].stats["kept_float"] == kept

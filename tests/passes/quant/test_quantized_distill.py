@@ -151,11 +151,13 @@ def test_bad_input_gets_one_clear_error(vit):
             PassManager(f"{name}{{steps=1,group=48}}").run(graph, ctx)
     with pytest.raises(OptionError, match="pass 'diff-quant': bit_alloc=true .* is not implemented"):
         parse_pipeline("diff-quant{bit_alloc=true}")
-    with pytest.raises(OptionError, match="pass 'quantized-distill': steps and batch must be >= 1"):
+    with pytest.raises(OptionError, match="pass 'quantized-distill': steps=0 trains nothing"):
         parse_pipeline("quantized-distill{steps=0}")
+    with pytest.raises(OptionError, match="pass 'quantized-distill': steps must be >= 0, batch >= 1"):
+        parse_pipeline("quantized-distill{batch=0}")
     text = "quantized-distill{bits=3,group=16,scheme=asym,zero=int,rounding=stochastic,T=4.0,alpha=0.5,steps=7," \
-           "lr=0.001,batch=2,quantize_first_last=true,init=gptq,train_float=false,teacher=context,targets=blocks.*," \
-           "skip=head,pad=true}"
+           "lr=0.001,batch=2,quantize_first_last=true,init=gptq,train_float=false,teacher=context,grid=minmax," \
+           "grid_lr=0.0005,blockwise=0,targets=blocks.*,skip=head,pad=true}"
     assert str(parse_pipeline(text)[0]) == text
 
 
