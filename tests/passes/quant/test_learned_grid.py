@@ -9,12 +9,12 @@ import torch
 import fxpress
 from fxpress.analysis.blocks import BlockRunner, find_blocks
 from fxpress.errors import OptionError, PreconditionError
-from fxpress.eval import calibration_batches
 from fxpress.ops.quant import QUANTIZED_LINEAR, quantize_weight
 from fxpress.passes import PassContext, PassManager, VerifyAfterPass, parse_pipeline
 from fxpress.passes.quant.blockwise import BlockForward, record, token_nmse
 from fxpress.passes.quant.grid import GroupGrid, searched_grid
 from fxpress.passes.quant.quantized_distill import softened_kl
+from model_factories import PlainMlp
 
 torch.set_num_threads(1)
 FORMS = [("asym", "float", "float"), ("asym", "int", "int"), ("sym", None, "sym")]
@@ -86,14 +86,6 @@ def test_searched_grid_weighs_the_important_features():
     assert scale.shape == zero.shape == (16, 1)
 
 
-@pytest.fixture(scope="module")
-def vit(zoo_model):
-    model = zoo_model("vit-mnist")
-    images = model.example_inputs[0]
-    graph = fxpress.capture(model.module, (images[:1].expand(100, 1, 28, 28).contiguous(),))
-    return graph, PassContext(calibration=calibration_batches(model, 2, like=graph))
-
-
 def test_a_block_replayed_on_recorded_values_gives_the_graphs_own_output(vit):
     graph, ctx = vit
     stack = find_blocks(graph)
@@ -142,20 +134,11 @@ def test_bad_combinations_get_one_clear_error(vit):
     with pytest.raises(OptionError, match="blockwise must be >= 0 and grid_lr > 0"):
         parse_pipeline("quantized-distill{grid_lr=0}")
     parse_pipeline("quantized-distill{blockwise=1,steps=0}")  # block-wise reconstruction alone is fine
-
-    class Mlp(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2, self.head = torch.nn.Linear(32, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 4)
-
-        def forward(self, x):
-            return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-    x = torch.randn(8, 32)
-    mlp = fxpress.capture(Mlp(), (x,))
+    x = torch.randn(8, 8)
+    mlp = fxpress.capture(PlainMlp(inputs=8, hidden=32), (x,))
     with pytest.raises(PreconditionError, match="pass 'quantized-distill' failed: blockwise=1 needs a stack of "
                                                 "repeated residual blocks: .*use blockwise=0"):
-        PassManager("quantized-distill{blockwise=1,steps=0,quantize_first_last=true}").run(
+        PassManager("quantized-distill{blockwise=1,steps=0,quantize_first_last=true,group=8}").run(
             mlp, PassContext(calibration=[(x,)]))
 
 

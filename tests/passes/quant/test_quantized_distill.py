@@ -9,7 +9,6 @@ from torch import nn
 
 import fxpress
 from fxpress.errors import OptionError, PreconditionError
-from fxpress.eval import calibration_batches
 from fxpress.ops.quant import QUANTIZED_LINEAR, quantize_weight
 from fxpress.passes import PassContext, PassManager, VerifyAfterPass, parse_pipeline
 from fxpress.passes.quant.quantized_distill import fake_quantize, softened_kl, ste
@@ -38,14 +37,6 @@ def checked(pipeline: str) -> PassManager:
 
 def mean_kl(graph, teacher, batches) -> float:
     return float(sum(softened_kl(graph(*b), teacher(*b), 1.0) for b in batches) / len(batches))
-
-
-@pytest.fixture(scope="module")
-def vit(zoo_model):
-    model = zoo_model("vit-mnist")
-    images = model.example_inputs[0]
-    graph = fxpress.capture(model.module, (images[:1].expand(100, 1, 28, 28).contiguous(),))
-    return graph, PassContext(calibration=calibration_batches(model, 2, like=graph))
 
 
 @pytest.mark.parametrize("scheme,zero", [("asym", "float"), ("asym", "int"), ("sym", None)])
