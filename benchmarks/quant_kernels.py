@@ -5,7 +5,8 @@
 Shapes (out x in): SmolLM2-135M's linears (576x576 q/o, 192x576 k/v is left out as the smallest, 1536x576
 gate/up, 576x1536 down, 49152x576 the vocabulary head) and a 4096x4096 square.  Kernels: fp32 F.linear
 (MKL, the baseline), the native int4 x int8 kernel (int zero points, group 32 and, where K allows, 128),
-the native int8 x int8 kernel, the native codebook kernel (group 32), and torch's int8 weight-only
+the native int8 x int8 kernel (at batch 64 `Int8Linear` takes oneDNN's int8 GEMM, `torch._int_mm`: level
+".../onednn"), the native codebook kernel (group 32), and torch's int8 weight-only
 `aten._weight_int8pack_mm` as a peer.  Each row gives the latency at batch 1 (decode) and batch 64 as a
 ratio to fp32 (lower is faster; 0.5 = twice as fast).
 
@@ -45,7 +46,8 @@ def kernels(weight: torch.Tensor) -> dict[str, tuple[str, Callable[[torch.Tensor
             p = nq.pack_rtn_int4(weight, group, "int")
             found[f"int4 g{group} int-zero"] = (level, nq.Int4Linear(p.codes, p.scales, p.zeros, None, group, "int"))
     wq, wscale = nq.pack_int8(weight)
-    found["int8 x int8"] = (level, nq.Int8Linear(wq, wscale, None))
+    int8 = nq.Int8Linear(wq, wscale, None)
+    found["int8 x int8"] = (level + ("/onednn" if int8.uses_gemm(64) else ""), int8)  # b64: torch._int_mm
     codebook = torch.linspace(0, 1, 16) ** 1.5
     c = nq.pack_codebook(weight, codebook, 32)
     found["codebook g32"] = (level if level != "avx512vnni" else "avx2",

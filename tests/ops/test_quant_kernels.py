@@ -146,6 +146,26 @@ def test_int8_bound_layer_call_paths(level):
         layer(x[:, :96].contiguous())
 
 
+@pytest.mark.parametrize("m, n, k", [(32, 13, 70), (33, 21, 160), (100, 7, 8), (64, 37, 576)])
+def test_int8_batches_on_onednn_give_the_kernels_output(m, n, k):
+    """From gemm_rows() rows on, Int8Linear takes the integer product from torch._int_mm (AMX or VNNI): the
+    same dot and the same float combination as the C kernel, so the same output, batch dims included."""
+    weight, x, bias = weight_and_input(n, k, m, seed=9)
+    wq, wscale = nq.pack_int8(weight)
+    wq[0, :8] = -128
+    rows = max(m, nq.gemm_rows())
+    x = x.repeat(-(-rows // m), 1)[:rows]
+    for b in (bias, None):
+        layer, kernel = nq.Int8Linear(wq, wscale, b), nq.Int8Linear(wq, wscale, b, "avx512vnni")
+        assert layer.uses_gemm(rows) and not layer.uses_gemm(nq.gemm_rows() - 1) and not kernel.uses_gemm(rows)
+        assert torch.equal(layer(x), kernel(x))
+        assert torch.equal(layer(x.view(rows, 1, k)).view(rows, n), kernel(x))
+        assert_matches_reference(layer(x), nq.reference_int8_linear(x, wq, wscale, b))
+    tiny = nq.Int8Linear(wq[:, :1].contiguous(), wscale, bias)  # K = 1: torch._int_mm is wrong there
+    assert not tiny.uses_gemm(rows)
+    assert_matches_reference(tiny(x[:, :1].contiguous()), nq.reference_int8_linear(x[:, :1], wq[:, :1], wscale, bias))
+
+
 @pytest.mark.parametrize("m, n, k", INT8_SHAPES)
 def test_int8_error_against_float_linear_is_the_activation_rounding(m, n, k):
     """Per-row activation scale: |y - F.linear(x, W_hat)| <= 1/2 sx |W_hat[n]|_1, plus float slack."""
