@@ -92,18 +92,18 @@ def record(graph: Graph, stack: BlockStack, batches: list[tuple]) -> Recorded:
     return Recorded(outside, first)
 
 
-Overrides = Callable[[Block], dict[str, Tensor]]
+ParamGroups = list[tuple[list[torch.nn.Parameter], float]]
 
 
 def reconstruct(student: Graph, teacher: Graph, stack: BlockStack, batches: list[tuple],
-                params_of: Callable[[Block], list[list[torch.nn.Parameter] | tuple[list, float]]],
-                overrides: Overrides, epochs: int, progress: Any, label: str,
+                params_of: Callable[[Block], ParamGroups], overrides: Callable[[Block], dict[str, Tensor]],
+                epochs: int, progress: Any, label: str, generator: torch.Generator | None = None,
                 step_hook: Callable[[], None] = lambda: None) -> list[dict[str, float]]:
     """Train the student's blocks one after another; returns per block its loss before and after.
 
     ``params_of(block)``: the block's parameter groups ``(params, lr)``; ``overrides(block)``: the
     attribute values its forward uses (the quantized weights, rebuilt on every call).  Each epoch visits
-    every batch once, in an order drawn from torch's generator."""
+    every batch once, in an order drawn from `generator`."""
     recorded = record(teacher, stack, batches)
     student_x = list(recorded.first_inputs)
     teacher_x = list(recorded.first_inputs)
@@ -120,23 +120,26 @@ def reconstruct(student: Graph, teacher: Graph, stack: BlockStack, batches: list
 
         with torch.no_grad():
             before = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
-        trained = [p for params, _ in groups for p in params]
-        if trained and epochs:
-            _train_block(groups, trained, loss_on, len(batches), epochs, step_hook)
+        if epochs:
+            _train_block(groups, loss_on, len(batches), epochs, generator, step_hook)
         with torch.no_grad():
-            after = sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
             student_x = [run_student(x, rec, overrides(block)) for x, rec in zip(student_x, recorded.outside)]
+            after = sum(float(token_nmse(y, t)) for y, t in zip(student_x, targets)) / len(batches)
         teacher_x = targets
         report.append({"block": block.path, "loss_before": round(before, 6), "loss_after": round(after, 6)})
     return report
 
 
-def _train_block(groups: list, trained: list[torch.nn.Parameter], loss_on: Callable[[int], Tensor], count: int,
-                 epochs: int, step_hook: Callable[[], None]) -> None:
-    optimizer = torch.optim.Adam([{"params": params, "lr": lr} for params, lr in groups if params])
+def _train_block(groups: ParamGroups, loss_on: Callable[[int], Tensor], count: int, epochs: int,
+                 generator: torch.Generator | None, step_hook: Callable[[], None]) -> None:
+    groups = [(params, lr) for params, lr in groups if params]
+    if not groups:
+        return
+    trained = [p for params, _ in groups for p in params]
+    optimizer = torch.optim.Adam([{"params": params, "lr": lr} for params, lr in groups])
     schedule = cosine_decay(optimizer, epochs * count)
     for _ in range(epochs):
-        for index in torch.randperm(count).tolist():
+        for index in torch.randperm(count, generator=generator).tolist():
             optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss = loss_on(index)

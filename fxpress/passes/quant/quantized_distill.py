@@ -408,7 +408,7 @@ class QuantizedDistill(Pass):
         return blockwise.reconstruct(
             student, graph, stack, batches, params_of,
             lambda block: self._quantized(block_layers(block), shadows, grids, "nearest", None),
-            self.blockwise, ctx.progress, f"{self.name}: blocks", reapply_masks)
+            self.blockwise, ctx.progress, f"{self.name}: blocks", ctx.generator(), reapply_masks)
 
     def _train(self, student: Graph, layers: list[Layer], shadows: dict, grids: dict, floats: dict, batches: list,
                targets: list, ctx: PassContext) -> list[float]:
