@@ -215,8 +215,8 @@ class Int8Linear(_Bound):
     op = "int8_linear"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemm_from and x.__class__ is _TENSOR and x.dtype is _F32 and x.is_cpu and x.dim() >= 2 \
-                and x.shape[-1] == self.k and x.numel() >= self._gemm_from * self.k:
+        if x.__class__ is _TENSOR and x.dtype is _F32 and x.is_cpu and x.dim() >= 2 and x.shape[-1] == self.k \
+                and self.uses_gemm(x.numel() // self.k):
             return self.gemm(x)
         return super().__call__(x)
 
