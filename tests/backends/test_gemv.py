@@ -79,6 +79,53 @@ def test_matmuls_with_several_rows_are_left_to_the_matmul_rule(tmp_path, rows):
     assert "main_transform_params" in script and "(2, 64, 64)" not in script  # the weight is not packed
 
 
+@pytest.mark.parametrize("rows,packed", [(28, True), (100, False)])
+def test_weights_of_few_row_linears_are_packed_from_a_quarter_megabyte(tmp_path, rows, packed):
+    """MiniLM's linears (28 token rows, 0.6-2.4 MB weights, 42 MB in all) read the transposed weight
+    48 columns per 6 KB row, a new page per k, from memory on every call: 30 GMAC/s.  From panels
+    the model ran 0.79x the time.  With many rows the matmul reuses each weight row from cache and
+    the transpose of the result would cost more than it saves: those keep the transposed layout."""
+    from fxpress.backends.tvm.gemv_schedule import FEW_ROWS, PANEL_MIN_BYTES
+
+    depth, columns = 256, 384
+    assert depth * columns * 4 >= PANEL_MIN_BYTES and (rows <= FEW_ROWS) == packed
+    torch.manual_seed(0)
+    model = LinearGelu(depth, columns)
+    x = torch.randn(1, rows, depth)
+    compiled, expected, script = _compile(model, x, tmp_path)
+    assert torch.allclose(compiled(x), expected, atol=1e-4, rtol=1e-4)
+    panels = re.search(rf"def main_transform_params.*?-> R\.Tuple\(.*?R\.Tensor\(\((\d+), {depth}, (\d+)\)", script, re.S)
+    assert (panels is not None) == packed, script
+    if packed:
+        assert int(panels.group(1)) * int(panels.group(2)) == columns and int(panels.group(1)) > 1
+    assert GEMV_MARK not in script
+
+
+class AttentionOutput(torch.nn.Module):
+    """The output projection after attention: the heads' transpose and reshape, then a linear."""
+
+    def __init__(self, depth: int, columns: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(depth, columns)
+
+    def forward(self, q):
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        return self.linear(a.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1))
+
+
+def test_a_linear_lowered_as_a_broadcast_batched_matmul_takes_one_packed_weight(tmp_path):
+    """After attention the linear arrives as a batched matmul of both operands broadcast to the batch
+    (MiniLM's output projection); its weight was lifted as one copy per batch row, read unpacked."""
+    torch.manual_seed(0)
+    model = AttentionOutput(256, 384)
+    q = torch.randn(2, 4, 14, 64)
+    compiled, expected, script = _compile(model, q, tmp_path)
+    assert torch.allclose(compiled(q), expected, atol=1e-4, rtol=1e-4)
+    transform = re.search(r"def main_transform_params.*?-> (R\.Tuple\(.*?\)):", script, re.S).group(1)
+    assert ", 256, 48)" in transform or ", 256, 32)" in transform, transform
+    assert "(2, 256, 384)" not in transform, transform
+
+
 @pytest.mark.parametrize("columns,lanes", [(1536, 16), (576, 8), (49152, 16), (200, 16), (37, 8), (96, 16)])
 def test_panel_width_divides_the_columns_in_whole_vectors_when_it_can(columns, lanes):
     from fxpress.backends.tvm.gemv_schedule import PANEL_COLUMNS, panel_width

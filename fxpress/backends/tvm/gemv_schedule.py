@@ -11,8 +11,11 @@ along k, so they ran as naive loops.  Two parts:
   matmul then streams each panel as one contiguous block (the ``(K, N)`` transpose read
   NB columns per row, a new 4 KiB page per k when N is large; see docs/backends.md).  A weight of
   ``LARGE_WEIGHT_BYTES`` or more under a linear of several static rows (a vocabulary head at
-  prefill) is packed the same way, in panels as wide as the matmul's register tile, and the rows
-  are multiplied with every panel (the :class:`~.schedules.Matmul` rule's batched form).
+  prefill), or one of ``PANEL_MIN_BYTES`` or more under at most ``FEW_ROWS`` rows (an encoder at
+  a few dozen tokens, which streams its weights from memory: :func:`_panels_pay`), is packed the
+  same way, in panels as wide as the matmul's register tile, and the rows are multiplied with
+  every panel (the :class:`~.schedules.Matmul` rule's batched form).  A weight broadcast to the
+  batch of a batched matmul (torch's linear after attention) is packed once.
 - :class:`GEMV` (TIR schedule rule): ``C[.., j] += x[.., k] * W[.., k, j]`` where x reads
   no output axis of extent > 1 and W is contiguous in j.  Column panels of ``NB`` run in
   parallel; k is split into SEGMENTS parts read side by side, each with its ``NB`` partial
@@ -45,6 +48,8 @@ PANEL_COLUMNS = 64  # fp32 columns per panel: 4 cache lines of W per k (32 and 1
 SEGMENTS = 2  # segments of k a panel reads side by side: two streams of W keep more loads in flight
 MIN_SEGMENT_DEPTH = 64
 LARGE_WEIGHT_BYTES = 16 << 20  # a linear of several rows takes its weight in panels from this size on
+FEW_ROWS = 64  # ... and from PANEL_MIN_BYTES on when it has at most this many rows (_panels_pay)
+PANEL_MIN_BYTES = 256 << 10
 
 
 def panel_width(columns: int, lanes: int) -> int:
@@ -63,8 +68,8 @@ def panel_width(columns: int, lanes: int) -> int:
 
 @relax.expr_functor.mutator
 class _PackGemvMutator(relax.PyExprMutator):
-    """``matmul(x, permute_dims(W))`` with one row in x (or a large W) and W a parameter -> matmul with
-    W's panels."""
+    """``matmul(x, permute_dims(W))`` with one row in x (or few rows, or a large W; see :func:`_panels_pay`)
+    and W a parameter -> matmul with W's panels."""
 
     def __init__(self, mod: tvm.IRModule, vector_bits: int):
         super().__init__(mod)
@@ -95,11 +100,28 @@ class _PackGemvMutator(relax.PyExprMutator):
         product = bb.emit(relax.op.matmul(block, panels, out_dtype=out_dtype))  # (panels, rows, width)
         return relax.op.reshape(bb.emit(relax.op.permute_dims(product, [1, 0, 2])), call.ty.shape)
 
+    def _unbroadcast(self, arg: relax.Expr, leading: bool) -> relax.Expr:
+        """`arg` without a ``broadcast_to`` that changes nothing, or with `leading` (the weight) one that
+        only adds leading dims to a matrix.
+
+        torch's matmul of a 3-D activation with a transposed weight (MiniLM's attention output
+        projection) arrives as a batched matmul of both operands broadcast to the batch, the weight
+        lifted to one copy per batch row at load time."""
+        binding = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
+        if not isinstance(binding, relax.Call) or getattr(binding.op, "name", "") != "relax.broadcast_to":
+            return arg
+        source, target = _static_shape(binding.args[0]), _static_shape(arg)
+        if source is None or target is None:
+            return arg
+        if source == target or (leading and len(source) == 2 and target[-2:] == source):
+            return binding.args[0]
+        return arg
+
     def _plan(self, call: relax.Call):
-        """(x, W, (N, K, NB)) when the call is a single-row linear this pass packs; else None."""
-        x, transposed = call.args
+        """(x, W, (N, K, NB)) when the call is a linear this pass packs; else None."""
+        x, transposed = self._unbroadcast(call.args[0], False), self._unbroadcast(call.args[1], True)
         binding = self.lookup_binding(transposed) if isinstance(transposed, relax.Var) else None
-        if binding is None or getattr(binding.op, "name", "") != "relax.permute_dims":
+        if not isinstance(binding, relax.Call) or getattr(binding.op, "name", "") != "relax.permute_dims":
             return None
         weight = binding.args[0]
         axes = binding.attrs.axes
@@ -114,7 +136,7 @@ class _PackGemvMutator(relax.PyExprMutator):
         rows = math.prod(x_shape[:-1])
         if rows == 1:
             width = panel_width(columns, lanes)
-        elif columns * depth * bits // 8 >= LARGE_WEIGHT_BYTES:  # panels as wide as the matmul's tile
+        elif _panels_pay(rows, columns * depth * bits // 8):  # panels as wide as the matmul's tile
             from fxpress.backends.tvm.schedules import register_tile
 
             width = register_tile(rows, columns, lanes)[1]
@@ -123,6 +145,16 @@ class _PackGemvMutator(relax.PyExprMutator):
         if columns % width or width % lanes or width == columns:
             return None  # a ragged last panel, or one panel: the transposed layout is as good
         return x, weight, (columns, depth, width)
+
+
+def _panels_pay(rows: int, weight_bytes: int) -> bool:
+    """A linear of several static rows takes its weight in panels when the weight is large (a vocabulary
+    head), or when it is not small and the rows are few.  Few rows use each weight row a few times, so the
+    matmul streams the weight from memory: from the transposed ``(K, N)`` layout a tile reads its NR
+    columns of a row, a new 4 KiB page per k on wide layers, where a panel is one contiguous stream
+    (MiniLM, 28 token rows, 0.6-2.4 MB weights: 0.79x the model's time).  Many rows reuse each
+    weight row from cache, and the transpose of the panels' result would cost more than it saves."""
+    return weight_bytes >= LARGE_WEIGHT_BYTES or (rows <= FEW_ROWS and weight_bytes >= PANEL_MIN_BYTES)
 
 
 def _static_shape(expr) -> list[int] | None:

@@ -11,8 +11,8 @@ libm's expf/erff run one lane at a time), then adds, after fusion:
    matmuls, matmul, conv2d, reductions, elementwise) and dlight's CPU
    GEMV/Reduction.
 
-Before lifting, single-row linears (batch-1 decode) take their weight packed
-in column panels (:mod:`.gemv_schedule`), and linears over a dynamic batch of
+Before lifting, single-row linears (batch-1 decode), linears of a few static rows and large
+weights take their weight packed in column panels (:mod:`.gemv_schedule`), and linears over a dynamic batch of
 token rows pad the rows to whole tiles (:class:`.schedules.PadMatmuls`, which also moves their
 bias adds next to the matmul), and so do the ragged rows and columns of attention matmuls.
 Reshapes to symbolic dims legalize as injective gathers (:func:`_reshape_affine`), so they fuse.
@@ -209,7 +209,7 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target, fast_math: bool |
     """`mod` after param lifting, legalization and fusion: the functions schedules and tuning see.
 
     fast_math (default: on for llvm): exp/erf/tanh as vectorizable polynomials (:mod:`.fast_math`).
-    gemv (default: on for llvm): single-row linears take their weight packed in column panels
+    gemv (default: on for llvm): single-row and few-row linears take their weight packed in column panels
     (:class:`.gemv_schedule.PackGemvWeights`, done once at load time by ``main_transform_params``).
     direct_conv (default: with fast_math on llvm): conv2d in NHWC activations and HWIO weights
     (``ConvertLayout``), for the direct convolution rule of :mod:`.conv_schedule`.
