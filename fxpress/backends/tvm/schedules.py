@@ -496,16 +496,20 @@ class _PadMatmulMutator(relax.PyExprMutator):
         found = self._flattened(rows) if len(shape_values(rows) or ()) == 2 else None
         x, flat = (rows, False) if found is None else (found[0], True)
         x_shape = shape_values(x)
-        if x_shape is None or len(x_shape) != 3:
+        if x_shape is None or len(x_shape) < 3 or (len(x_shape) > 3 and not flat):
             return None
-        batch, tokens, _ = x_shape
-        columns = w_shape[1]
+        batch, tokens, *features = x_shape
+        depth, columns = w_shape
         if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) \
                 or not pads_rows(int(tokens), int(columns), self.lanes):
             return None
+        bb = self.builder_
+        if len(features) > 1:  # (n, T, heads, head dim) after attention, its reshapes merged into one
+            if not all(isinstance(f, tirx.IntImm) for f in features) or math.prod(int(f) for f in features) != int(depth):
+                return None
+            x = bb.emit(relax.op.reshape(x, (batch, tokens, depth)))
         tokens = int(tokens)
         padded = round_up(tokens, ROW_PAD)
-        bb = self.builder_
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
         product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
         sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
