@@ -15,7 +15,9 @@ bound) and its vector loops carry a ``where`` tail that LLVM scalarizes.
   in a scalar tail loop (``loop_partition``).  Reductions over such a row keep one scalar chain:
   a predicated rfactor loses its predicate at ``compute_at``, and the merge-based alternatives
   failed TVM's dataflow checks.  The 197-wide softmax of a ViT at batch 64 x 3 heads ran 25.5 ms
-  with dlight's predicated 16-lane loops and 14.9 ms with the split rows (eager: 9.2 ms).
+  with dlight's predicated 16-lane loops and 14.9 ms with the split rows (eager: 9.2 ms).  An
+  attention softmax over a prime token count no longer reaches this rule with the prime row: it
+  runs over the padded scores, masked (:class:`.schedules.PadMatmuls`).
 
 Sums are reassociated (float rounding differs from a sequential sum by a few
 ulp); max is exact.  Functions the rfactor path refuses get dlight's schedule.

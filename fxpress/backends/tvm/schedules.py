@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -654,8 +655,6 @@ class _PadMatmulMutator(relax.PyExprMutator):
         full = _static_dims(scores)
         if full is None or full[-1] <= columns or accumulator_count(full[-1]) is None:
             return call
-        import numpy as np
-
         bb = self.builder_
         scaled = self._replay(scores, steps)
         mask = relax.const(np.arange(full[-1]) < columns)
