@@ -38,8 +38,9 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers
 from tvm.target import Target
 
-from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, multiply_add_reads, rewrite_relax_functions,
-                                                 shape_values, vector_bits, vector_factor, vector_lanes)
+from fxpress.backends.tvm.schedule_utils import (bound_call, cpu_main_reduction, multiply_add_reads,
+                                                 rewrite_relax_functions, shape_values, vector_bits, vector_factor,
+                                                 vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ class _PackGemvMutator(relax.PyExprMutator):
         torch's matmul of a 3-D activation with a transposed weight (MiniLM's attention output
         projection) arrives as a batched matmul of both operands broadcast to the batch, the weight
         lifted to one copy per batch row at load time."""
-        binding = self.lookup_binding(arg) if isinstance(arg, relax.Var) else None
-        if not isinstance(binding, relax.Call) or getattr(binding.op, "name", "") != "relax.broadcast_to":
+        binding = bound_call(self, arg, "relax.broadcast_to")
+        if binding is None:
             return arg
         source, target = _static_shape(binding.args[0]), _static_shape(arg)
         if source is None or target is None:
@@ -120,8 +121,8 @@ class _PackGemvMutator(relax.PyExprMutator):
     def _plan(self, call: relax.Call):
         """(x, W, (N, K, NB)) when the call is a linear this pass packs; else None."""
         x, transposed = self._unbroadcast(call.args[0], False), self._unbroadcast(call.args[1], True)
-        binding = self.lookup_binding(transposed) if isinstance(transposed, relax.Var) else None
-        if not isinstance(binding, relax.Call) or getattr(binding.op, "name", "") != "relax.permute_dims":
+        binding = bound_call(self, transposed, "relax.permute_dims")
+        if binding is None:
             return None
         weight = binding.args[0]
         axes = binding.attrs.axes

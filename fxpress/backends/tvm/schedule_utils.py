@@ -113,6 +113,16 @@ def cpu_main_reduction(func, target: Target, only: bool = False):
     return sch, reductions[0]
 
 
+def bound_call(mutator, expr, op_name: str):
+    """The call `expr` (a variable the Relax `mutator` has bound) is bound to when it calls `op_name`, else None."""
+    from tvm import relax
+
+    bound = mutator.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+    if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == op_name:
+        return bound
+    return None
+
+
 def rewrite_relax_functions(mod, mutator, count, prepare=None):
     """Run a Relax `mutator` over the Relax functions of `mod`; return the module with the functions where
     `count()` (the mutator's rewrite counter) grew replaced.  `prepare(func)`, when given, readies the

@@ -31,9 +31,9 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
 
 from fxpress.backends.tvm.reduction_schedule import accumulator_count
-from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, is_cpu, multiply_add_reads, pick_factor,
-                                                 has_root_block, rewrite_relax_functions, root_block, round_up,
-                                                 shape_values, vector_lanes)
+from fxpress.backends.tvm.schedule_utils import (bound_call, cpu_main_reduction, extent, has_root_block, is_cpu,
+                                                 multiply_add_reads, pick_factor, rewrite_relax_functions, root_block,
+                                                 round_up, shape_values, vector_lanes)
 
 log = logging.getLogger(__name__)
 
@@ -535,16 +535,9 @@ class _PadMatmulMutator(relax.PyExprMutator):
         sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
         return relax.op.reshape(bb.emit(sliced), (batch * tokens, columns)) if flat else sliced
 
-    def _bound_call(self, expr, op_name: str):
-        """The call `expr` (a variable) is bound to when it calls `op_name`, else None."""
-        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
-        if isinstance(bound, relax.Call) and getattr(bound.op, "name", "") == op_name:
-            return bound
-        return None
-
     def _flattened(self, expr):
         """(source, shape) when `expr` is a variable bound to ``reshape(source, shape)``, else None."""
-        bound = self._bound_call(expr, "relax.reshape")
+        bound = bound_call(self, expr, "relax.reshape")
         return None if bound is None else (bound.args[0], shape_values(expr))
 
     def _bias_before_flatten(self, call: relax.Call) -> relax.Expr:
@@ -566,7 +559,7 @@ class _PadMatmulMutator(relax.PyExprMutator):
                     or len(source_shape) < 3
                     or not _same_dims([source_shape[-1], shape[1]], [shape[1], bias_shape[0]])):
                 continue
-            slicing = self._bound_call(source, "relax.strided_slice")
+            slicing = bound_call(self, source, "relax.strided_slice")
             if slicing is not None and len(source_shape) - 1 in _slice_axes(slicing, len(source_shape)):
                 slicing = None
             inner = source if slicing is None else slicing.args[0]  # the bias goes before a slice of rows
