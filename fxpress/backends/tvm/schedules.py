@@ -525,7 +525,8 @@ class _PadMatmulMutator(relax.PyExprMutator):
             return None
         bb = self.builder_
         if len(features) > 1:  # (n, T, heads, head dim) after attention, its reshapes merged into one
-            if not all(isinstance(f, tirx.IntImm) for f in features) or math.prod(int(f) for f in features) != int(depth):
+            if not all(isinstance(f, tirx.IntImm) for f in features) \
+                    or math.prod(int(f) for f in features) != int(depth):
                 return None
             x = bb.emit(relax.op.reshape(x, (batch, tokens, depth)))
         tokens = int(tokens)
@@ -672,15 +673,16 @@ class _PadMatmulMutator(relax.PyExprMutator):
         rows, depth, cols = shape[-2], shape[-1], v_shape[-1]
         if v_shape[-2] != depth or self.padded_probabilities[found[0]] != depth:
             return None
-        full = self._replay(found[0], found[1])
-        padded_rows, padded_depth = _static_dims(full)[-2:]
+        padded_rows, padded_depth = _static_dims(found[0])[-2:]  # the steps leave the last two axes alone
         row_tile, col_tile = register_tile(rows, cols, self.lanes)
         if padded_rows % row_tile:
             return None
+        full = self._replay(*found)
         rank = len(shape)
         padded_cols = round_up(cols, col_tile)
         bb = self.builder_
-        values = bb.emit(relax.op.nn.pad(values, [0] * (2 * rank - 4) + [0, padded_depth - depth, 0, padded_cols - cols]))
+        pads = [0] * (2 * rank - 4) + [0, padded_depth - depth, 0, padded_cols - cols]
+        values = bb.emit(relax.op.nn.pad(values, pads))
         product = bb.emit(relax.Call(call.op, [full, values], call.attrs))
         self.rewritten += 1
         return relax.op.strided_slice(product, [rank - 2, rank - 1], [0, 0], [rows, cols], assume_inbound=True)
