@@ -145,32 +145,40 @@ def _row_block(rows, depth, row_tile: int, row_multiple: int = 1) -> int | None:
     12,608 x 384 floats, 19 MB, read 72 times by its QKV matmul).  Static rows: the block between
     half and all of ``A_BLOCK_BYTES`` that pads the row tiles least; rows are padded to whole blocks
     (12,608 rows in tiles of 6 are 2,102 tiles, which only blocks of 2 divided: B was streamed
-    again every 12 rows).  Rows that are whole tiles take the largest block dividing the tiles, below
-    half of ``A_BLOCK_BYTES`` if need be: 12,608 rows in AVX-512's tiles of 8 are 1,576 tiles, which no
-    block of 16-32 divides, and without a block the QKV and feed-forward matmuls of a width-192 ViT at
-    batch 64 x 197 tokens streamed A again for each column panel (26 GMAC/s, against 45 for the dynamic
-    build's row blocks).  Symbolic rows (a dynamic batch of 198-token rows, ``row_multiple``): the
-    largest block dividing the known factor, so no block is partial.
+    again every 12 rows).  Rows that are whole tiles, and symbolic rows whose known factor
+    (``row_multiple``: a dynamic batch of 184-token rows) the tile divides, take a block that divides
+    the tiles (or that factor's tiles) if one lies between half and all of the budget, else a partial
+    last block (:func:`_whole_or_partial_block`).  Without a block, the QKV and feed-forward matmuls of a
+    width-192 ViT at batch 64 x 197 tokens (1,576 tiles of 8, which no block of 16-32 divides) streamed A
+    again for each column panel (26 GMAC/s, against 45 with blocks), and so did a merged width-384 ViT's
+    dynamic build over 184 tokens (23 tiles of 8 per image): 27 GMAC/s, 42 with partial blocks.
     """
     if not isinstance(depth, int):
         return None
+    target = max(A_BLOCK_BYTES // (4 * depth * row_tile), 1)
     if not isinstance(rows, int):
         if row_multiple % row_tile:
             return None
-        tiles_per_factor = row_multiple // row_tile
-        fits = [d for d in range(2, tiles_per_factor + 1)
-                if tiles_per_factor % d == 0 and d * row_tile * depth * 4 <= A_BLOCK_BYTES]
-        return max(fits) if fits else None
+        return _whole_or_partial_block(row_multiple // row_tile, target, symbolic=True)
     tiles = -(-rows // row_tile)
     if tiles * row_tile * depth * 4 <= 2 * A_BLOCK_BYTES:
         return None
-    target = max(A_BLOCK_BYTES // (4 * depth * row_tile), 1)
-    if rows % row_tile == 0:  # whole tiles: only a block dividing them, if need be smaller (a pad_einsum for
-        # blocks alone failed the matmul rule on a packed vocabulary head: dlight folds its panels into columns)
-        dividing = [block for block in range(2, target + 1) if tiles % block == 0]
-        return max(dividing) if dividing else None
+    if rows % row_tile == 0:
+        return _whole_or_partial_block(tiles, target)
     best = min(range(max(target // 2, 1), target + 1), key=lambda block: (round_up(tiles, block), -block))
     return best if 1 < best < tiles else None
+
+
+def _whole_or_partial_block(tiles: int, target: int, symbolic: bool = False) -> int | None:
+    """Row tiles per block for `tiles` whole row tiles (with `symbolic`, a known factor of their count): the
+    largest block from half the `target` to all of it that divides them, else `target` with the last block
+    partial.
+    A partial block skips its missing tiles by a predicate on the tile, outside the k loop, which costs
+    nothing measurable; padding the rows to whole blocks would compute them."""
+    dividing = [block for block in range(max(target // 2, 2), target + 1) if tiles % block == 0]
+    if dividing:
+        return max(dividing)
+    return target if target >= 2 and (symbolic or target < tiles) else None
 
 
 def register_budget(lanes: int) -> int:
