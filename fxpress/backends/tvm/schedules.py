@@ -170,11 +170,11 @@ def _row_block(rows, depth, row_tile: int, row_multiple: int = 1) -> int | None:
 
 
 def _whole_or_partial_block(tiles: int, target: int, symbolic: bool = False) -> int | None:
-    """Row tiles per block for `tiles` whole row tiles (with `symbolic`, a known factor of their count): the
-    largest block from half the `target` to all of it that divides them, else `target` with the last block
-    partial.
-    A partial block skips its missing tiles by a predicate on the tile, outside the k loop, which costs
-    nothing measurable; padding the rows to whole blocks would compute them."""
+    """Row tiles per block for `tiles` whole row tiles (with `symbolic`, a known factor of their count).
+
+    The largest block from half the `target` to all of it that divides them, else `target` with the last
+    block partial: a predicate on the tile, outside the k loop, skips its missing tiles at no measurable
+    cost, where padding the rows to whole blocks would compute them."""
     dividing = [block for block in range(max(target // 2, 2), target + 1) if tiles % block == 0]
     if dividing:
         return max(dividing)
