@@ -163,7 +163,51 @@ def _lower_and_finalize(cuda: bool = False) -> list:
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
         relax.transform.AttachGlobalSymbol(),
+        single_pointer_functions_noalias,
     ]
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.SinglePointerFunctionsNoAlias")
+def single_pointer_functions_noalias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """Mark PrimFuncs with at most one pointer parameter (the VM's ``shape_func``) ``tirx.noalias``.
+
+    TVM 0.27's LLVM code generator reads a function's ``tirx.noalias`` while it declares all the
+    module's functions, then emits every function with the value of the last one declared (in name
+    order).  A dynamic build's ``shape_func`` has no such attribute, so when its name sorted last
+    every kernel of the module lost its ``noalias`` parameters and per-buffer alias information:
+    LLVM then kept register tiles in memory, storing the accumulators at every step of the
+    reduction (2x slower; a width-384 linear over a dynamic batch with weight panels: 1.41 ms
+    against 0.66).  One pointer cannot alias another, so the attribute is true of such functions;
+    functions with more pointers are left as they are (:func:`mixed_alias_functions` names them).
+    """
+    single = [gvar for gvar, func in mod.functions_items()
+              if isinstance(func, tvm.tirx.PrimFunc) and not _noalias(func) and _pointer_params(func) <= 1]
+    if single:
+        mod = mod.clone()
+        for gvar in single:
+            mod[gvar] = mod[gvar].with_attr("tirx.noalias", True)
+    mixed = mixed_alias_functions(mod)
+    if mixed:
+        log.warning("functions without tirx.noalias among ones with it (%s): TVM 0.27 emits the whole "
+                    "module with the alias setting of the one declared last", ", ".join(mixed[:5]))
+    return mod
+
+
+def mixed_alias_functions(mod: tvm.IRModule) -> list[str]:
+    """Names of `mod`'s PrimFuncs without ``tirx.noalias`` when others have it: TVM 0.27 would
+    emit all of them with the alias setting of the function declared last
+    (:func:`single_pointer_functions_noalias`)."""
+    funcs = {gvar.name_hint: func for gvar, func in mod.functions_items() if isinstance(func, tvm.tirx.PrimFunc)}
+    without = sorted(name for name, func in funcs.items() if not _noalias(func))
+    return without if len(without) < len(funcs) else []
+
+
+def _noalias(func) -> bool:
+    return bool(func.attrs and func.attrs.get("tirx.noalias", False))
+
+
+def _pointer_params(func) -> int:
+    return sum(1 for param in func.params if type(param.ty).__name__ in ("BufferType", "PointerType"))
 
 
 def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,
