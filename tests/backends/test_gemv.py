@@ -156,3 +156,41 @@ def test_large_weights_of_several_row_linears_are_packed_in_tile_wide_panels(tmp
     small = torch.nn.Linear(depth, 128, bias=False)  # under the threshold: the transposed weight
     _, _, script = _compile(small, x, tmp_path / "small")
     assert f"(2, {depth}, 64)" not in script and f", {depth}, 16)" not in script
+
+
+@pytest.mark.parametrize("tokens,padded", [(50, False), (47, True)])
+def test_linears_over_a_dynamic_batch_take_panels_and_match_eager(tmp_path, tokens, padded):
+    """A dynamic build cannot tell one image from 64, so its linears of a quarter megabyte or more take
+    their weight in panels as its static few-row builds do (a width-384 ViT at 50 tokens and batch 1
+    ran 1.33x its static build with the transposed layout).  47 rows per image pad to 48 around the
+    product, and the bias, the slice and the GELU are its epilogue: one kernel."""
+    from fxpress.backends.tvm.gemv_schedule import PANEL_MIN_BYTES
+
+    depth, columns = 128, 512
+    assert depth * columns * 4 >= PANEL_MIN_BYTES
+    torch.manual_seed(0)
+    model = LinearGelu(depth, columns).eval()
+    graph = capture(model, (torch.randn(2, tokens, depth),), dynamic={0: {0: "batch"}}, name="linear-gelu")
+    compiled = backends.compile(graph, "llvm", dynamic=True, max_sizes=64, dump_ir=tmp_path)
+    script = (tmp_path / "02_scheduled.tir.py").read_text()
+    kernels = [name for name in _prim_funcs(script) if "matmul" in name]
+    assert len(kernels) == 1 and "matmul_panels" in kernels[0], kernels
+    assert ("strided_slice" in kernels[0] and "fast_gelu" in kernels[0]) == padded, kernels
+    assert ("pad" in "".join(_prim_funcs(script))) == padded
+    panels = re.search(rf"def main_transform_params.*?-> R\.Tuple\(.*?R\.Tensor\(\((\d+), {depth}, (\d+)\)", script, re.S)
+    assert panels is not None and int(panels.group(1)) * int(panels.group(2)) == columns, script
+    for batch in (1, 3):
+        x = torch.randn(batch, tokens, depth)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_linears_of_small_weights_keep_the_transposed_layout(tmp_path):
+    torch.manual_seed(0)
+    model = LinearGelu(64, 128).eval()  # 32 KB
+    graph = capture(model, (torch.randn(2, 50, 64),), dynamic={0: {0: "batch"}}, name="linear-gelu")
+    compiled = backends.compile(graph, "llvm", dynamic=True, max_sizes=64, dump_ir=tmp_path)
+    assert "matmul_panels" not in (tmp_path / "02_scheduled.tir.py").read_text()
+    x = torch.randn(3, 50, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)

@@ -476,23 +476,29 @@ def test_attention_matmuls_take_operands_padded_to_whole_tiles_before_fusion(gra
 class PrimeAttention(torch.nn.Module):
     """Scaled dot-product attention over a prime token count, scale on the scores as timm's ViT has it."""
 
-    def __init__(self, width: int = 64, heads: int = 2):
+    def __init__(self, width: int = 64, heads: int = 2, column_bias: bool = False):
         super().__init__()
-        self.qkv, self.heads = torch.nn.Linear(width, 3 * width), heads
+        self.qkv, self.heads, self.column_bias = torch.nn.Linear(width, 3 * width), heads, column_bias
 
     def forward(self, x):
         batch, tokens, width = x.shape
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-2, -1)) * (width // self.heads) ** -0.5
+        if self.column_bias:  # a bias per key, as ToMe adds log(size): (batch, 1, 1, tokens)
+            scores = scores + (x.abs().sum(-1) + 1).log()[:, None, None, :]
         return (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, tokens, width)
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_softmax_over_a_prime_token_count_runs_on_the_padded_scores(dynamic):
+@pytest.mark.parametrize("dynamic,column_bias,tokens", [(False, False, 37), (True, False, 37), (False, True, 37),
+                                                        (True, True, 37), (False, True, 46)])
+def test_softmax_over_a_prime_token_count_runs_on_the_padded_scores(dynamic, column_bias, tokens):
     """37 tokens: the scores are computed padded to whole tiles; their softmax ran over the 37 valid
     columns as one scalar chain per reduction (no divisor splits a prime row; a 197-token ViT's softmax
     at batch 64 took 163 ms against eager's 78).  It now runs over the padded columns masked to -inf, in
-    vector partial sums, and p @ v reads the padded probabilities against zero-padded values: 62 ms."""
+    vector partial sums, and p @ v reads the padded probabilities against zero-padded values: 62 ms.
+    A bias per key column added to the scores (ToMe's log(size)) is padded with them.  46 columns split
+    into 23 partials of 2, not whole vectors, so they take the padded scores too (a merged ViT's
+    softmax over 184 columns: 60 ms at batch 64 against eager's 35-40, 26 ms padded)."""
     import tvm
     from tvm import tirx
     from tvm.s_tir import dlight as dl
@@ -504,19 +510,19 @@ def test_softmax_over_a_prime_token_count_runs_on_the_padded_scores(dynamic):
     from fxpress.backends.tvm.schedules import cpu_rules
 
     torch.manual_seed(0)
-    model = PrimeAttention().eval()
-    graph = capture(model, (torch.randn(2, 37, 64),), dynamic=dynamic, name="prime-attention")
+    model = PrimeAttention(column_bias=column_bias).eval()
+    graph = capture(model, (torch.randn(2, tokens, 64),), dynamic=dynamic, name="prime-attention")
     target = tvm.target.Target(host_cpu_target())
     with target:
         mod = dl.ApplyDefaultSchedule(*cpu_rules())(fused_module(to_relax(graph, dynamic=dynamic).mod, target))
     softmax = [f.script() for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and "softmax" in gv.name_hint]
     assert len(softmax) == 1 and "T_softmax_maxelem_rf" in softmax[0], softmax  # split into vector partials
-    assert "T.int64(37))" not in softmax[0].split("def ")[1].split("):")[0]  # over the padded columns
+    assert f"T.int64({tokens}))" not in softmax[0].split("def ")[1].split("):")[0]  # over the padded columns
     main = mod["main"].script()
     assert "where" in main, main
     compiled = backends.compile(graph, "llvm", dynamic=dynamic)
     for batch in ((2,) if not dynamic else (1, 3)):
-        x = torch.randn(batch, 37, 64)
+        x = torch.randn(batch, tokens, 64)
         assert (compiled(x) - model(x)).abs().max().item() < 1e-5
     assert vector_bits(target) // 32 < 37
 
@@ -528,7 +534,8 @@ def test_kernels_keep_per_buffer_alias_information(dynamic):
     A register tile over 1,024 bytes (12 x 32 floats) is a workspace allocation, not a stack array; it
     stays in registers only while LLVM can tell it from the operands.  A kernel whose buffers codegen
     marks as possibly aliasing (``tvm-alias``) stored its accumulators after every FMA and reloaded the
-    broadcast row: a `te.compute` linear over panels ran 2x slower than the same tile of the matmul rule.
+    broadcast row (2x slower).  TVM 0.27 marked every kernel so when the dynamic build's ``shape_func``
+    sorted last (:func:`~fxpress.backends.tvm.pipeline.single_pointer_functions_noalias`).
     """
     torch.manual_seed(0)
     model, x = TokenMLP().eval(), torch.randn(2, 50, 40)
@@ -538,3 +545,39 @@ def test_kernels_keep_per_buffer_alias_information(dynamic):
     assert "fmuladd" in code and '"tvm-tbaa"' in code
     assert '"tvm-alias"' not in code
     torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_functions_with_one_pointer_are_marked_noalias_and_mixed_ones_are_named(caplog):
+    """TVM 0.27's LLVM codegen emits every function of a module with the ``tirx.noalias`` of the one it
+    declared last; the VM's ``shape_func`` has none.  One pointer aliases nothing, so it gets the mark;
+    a function of two pointers without it is left alone and named in a warning."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from fxpress.backends.tvm.pipeline import mixed_alias_functions, single_pointer_functions_noalias
+
+    @T.prim_func
+    def kernel(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for i in range(4):
+            b[i] = a[i]
+
+    @T.prim_func
+    def shape_func(heap: T.Buffer((4,), "int64"), n: T.int64):
+        heap[0] = n
+
+    @T.prim_func
+    def two_pointers(a: T.Buffer((4,), "float32"), b: T.Buffer((4,), "float32")):
+        for i in range(4):
+            b[i] = a[i]
+
+    mod = tvm.IRModule({"kernel": kernel, "shape_func": shape_func})
+    assert mixed_alias_functions(mod) == ["shape_func"]
+    marked = single_pointer_functions_noalias(mod)
+    assert all(bool(func.attrs["tirx.noalias"]) for _, func in marked.functions_items())
+    assert mixed_alias_functions(marked) == []
+    assert "tirx.noalias" not in (mod["shape_func"].attrs or {})  # the input module is not changed
+    with caplog.at_level("WARNING", logger="fxpress.backends.tvm.pipeline"):
+        kept = single_pointer_functions_noalias(tvm.IRModule({"kernel": kernel, "two_pointers": two_pointers}))
+    assert "tirx.noalias" not in (kept["two_pointers"].attrs or {})
+    assert "two_pointers" in caplog.text

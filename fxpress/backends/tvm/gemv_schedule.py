@@ -15,7 +15,10 @@ along k, so they ran as naive loops.  Two parts:
   a few dozen tokens, which streams its weights from memory: :func:`_panels_pay`), is packed the
   same way, in panels as wide as the matmul's register tile, and the rows are multiplied with
   every panel (the :class:`~.schedules.Matmul` rule's batched form).  A weight broadcast to the
-  batch of a batched matmul (torch's linear after attention) is packed once.
+  batch of a batched matmul (torch's linear after attention) is packed once.  Over symbolic rows (a
+  dynamic batch, which may be one image or 64) a float weight of ``PANEL_MIN_BYTES`` or more takes
+  tile-wide panels too, and the product reads them in place (``y[.., j] = sum_k x[.., k]
+  Wp[j / NB, k, j % NB]``), padded per item where :func:`~.schedules.pads_rows` pads the rows.
 - :class:`GEMV` (TIR schedule rule): ``C[.., j] += x[.., k] * W[.., k, j]`` where x reads
   no output axis of extent > 1 and W is contiguous in j.  Column panels of ``NB`` run in
   parallel; k is split into SEGMENTS parts read side by side, each with its ``NB`` partial
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.sym.analyzer import Analyzer
 from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumers, auto_inline_producers
 from tvm.target import Target
 
@@ -89,10 +93,12 @@ class _PackGemvMutator(relax.PyExprMutator):
         bb = self.builder_
         panels = bb.emit(relax.op.reshape(weight, (columns // width, width, depth)))
         panels = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
+        self.packed += 1
+        if _static_shape(x) is None:
+            return self._symbolic_rows_times_panels(x, panels, columns)
         rows = math.prod(_static_shape(x)[:-1])
         out_dtype = call.attrs.out_dtype
         out_dtype = None if out_dtype is None or str(out_dtype) in ("", "void") else out_dtype
-        self.packed += 1
         if rows == 1:
             row = bb.emit(relax.op.reshape(x, (1, depth)))
             product = bb.emit(relax.op.matmul(row, panels, out_dtype=out_dtype))
@@ -118,6 +124,65 @@ class _PackGemvMutator(relax.PyExprMutator):
             return binding.args[0]
         return arg
 
+    def _symbolic_rows_times_panels(self, x, panels, columns: int) -> relax.Expr:
+        """``y[.., j] = sum_k x[.., k] Wp[j / NB, k, j % NB]`` over symbolic rows, written in place
+        (the matmul rule tiles it as it tiles the transposed layout; unlike the static form of
+        :meth:`visit_call_`, no transpose of the result follows).  Token rows that
+        :func:`~.schedules.pads_rows` pads, T per item in x ``(n * T, K)`` or ``(n, T, K)``, are
+        padded to T' here as :class:`~.schedules.PadMatmuls` pads a matmul's, and the product is
+        sliced back; PadMatmuls then moves the bias add before the slice, into the product's epilogue."""
+        bb = self.builder_
+        padding = self._row_padding(x, columns)
+        if padding is None:
+            return bb.emit_te(_rows_times_panels, x, panels, primfunc_name_hint="matmul_panels")
+        source, tokens, padded = padding
+        batch = shape_values(source)[0]
+        rows = bb.emit(relax.op.nn.pad(source, [0, 0, 0, padded - tokens, 0, 0]))
+        product = bb.emit_te(_rows_times_panels, rows, panels, primfunc_name_hint="matmul_panels")
+        sliced = bb.emit(relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True))
+        flat = len(shape_values(x)) == 2
+        return relax.op.reshape(sliced, (batch * tokens, columns)) if flat else sliced
+
+    def _row_padding(self, x, columns: int):
+        """(source (n, T, K), T, T') when x's T rows per item pad to T' (:func:`~.schedules.pads_rows`),
+        x being ``source`` or its flattening ``(n * T, K)``; else None."""
+        from fxpress.backends.tvm.schedules import ROW_PAD, pads_rows, round_up
+
+        reshaped = bound_call(self, x, "relax.reshape") if len(shape_values(x)) == 2 else None
+        source = x if reshaped is None else reshaped.args[0]
+        shape = shape_values(source)
+        if shape is None or len(shape) != 3 or isinstance(shape[0], tirx.IntImm) \
+                or not all(isinstance(v, tirx.IntImm) for v in shape[1:]):
+            return None
+        tokens, depth = int(shape[1]), int(shape[2])
+        if not pads_rows(tokens, columns, max(self.vector_bits // 32, 1)) or int(shape_values(x)[-1]) != depth:
+            return None
+        return source, tokens, round_up(tokens, ROW_PAD)
+
+    def _symbolic_rows_plan(self, x, weight, columns: int, depth: int, bits: int, lanes: int):
+        """(x, W, (N, K, NB)) for a float linear over symbolic rows (a dynamic batch) whose weight is not
+        small: :meth:`_symbolic_rows_times_panels` multiplies the rows with its panels.
+
+        A dynamic build cannot tell few rows from many.  With the transposed layout its linears streamed
+        a large weight poorly at batch 1: a width-384 ViT at 50 tokens ran 1.33x its static build, whose
+        few rows take panels (:func:`_panels_pay`).  The panels are as wide as the register tile of the
+        rows (padded ones where :func:`~.schedules.pads_rows` pads them), so many rows lose nothing."""
+        from fxpress.backends.tvm.schedules import register_tile
+
+        found = _symbolic_rows(x)
+        if found is None or columns * depth * bits // 8 < PANEL_MIN_BYTES or not str(x.ty.dtype).startswith("float") \
+                or str(x.ty.dtype) != str(weight.ty.dtype):
+            return None
+        rows, factor = found
+        padding = self._row_padding(x, columns)
+        if padding is not None:
+            source, _tokens, padded = padding
+            rows, factor = shape_values(source)[0] * padded, padded
+        width = register_tile(rows, columns, lanes, row_multiple=factor)[1]
+        if columns % width or width % lanes or width == columns:
+            return None
+        return x, weight, (columns, depth, width)
+
     def _plan(self, call: relax.Call):
         """(x, W, (N, K, NB)) when the call is a linear this pass packs; else None."""
         x, transposed = self._unbroadcast(call.args[0], False), self._unbroadcast(call.args[1], True)
@@ -129,11 +194,16 @@ class _PackGemvMutator(relax.PyExprMutator):
         if not any(weight.same_as(w) for w in self.weights) or axes is None or [int(a) for a in axes] != [1, 0]:
             return None
         x_shape, w_shape = _static_shape(x), _static_shape(weight)
-        if x_shape is None or w_shape is None or len(w_shape) != 2:
+        if w_shape is None or len(w_shape) != 2:
             return None
         columns, depth = w_shape
         bits = tvm.DataType(str(weight.ty.dtype)).bits
         lanes = max(self.vector_bits // bits, 1)
+        if x_shape is None:
+            out_dtype = call.attrs.out_dtype
+            if out_dtype is not None and str(out_dtype) not in ("", "void", str(x.ty.dtype)):
+                return None
+            return self._symbolic_rows_plan(x, weight, columns, depth, bits, lanes)
         rows = math.prod(x_shape[:-1])
         if rows == 1:
             width = panel_width(columns, lanes)
@@ -146,6 +216,32 @@ class _PackGemvMutator(relax.PyExprMutator):
         if columns % width or width % lanes or width == columns:
             return None  # a ragged last panel, or one panel: the transposed layout is as good
         return x, weight, (columns, depth, width)
+
+
+def _rows_times_panels(x, panels):
+    """The TE compute of :meth:`_PackGemvMutator._symbolic_rows_times_panels`."""
+    from tvm import te
+
+    *lead, depth = x.shape
+    width = panels.shape[2]
+    k = te.reduce_axis((0, depth), name="k")
+    columns = panels.shape[0] * width
+    return te.compute((*lead, columns), lambda *i: te.sum(x[(*i[:-1], k)] * panels[i[-1] // width, k, i[-1] % width],
+                                                          axis=k), name="matmul_panels")
+
+
+def _symbolic_rows(x) -> tuple | None:
+    """(rows as a PrimExpr, their known constant factor) of `x` (.., K) with symbolic leading dims and
+    a static K, else None."""
+    from fxpress.backends.tvm.schedules import constant_factor
+
+    values = shape_values(x)
+    if values is None or len(values) < 2 or not isinstance(values[-1], tirx.IntImm):
+        return None
+    rows = values[0]
+    for value in values[1:-1]:
+        rows = rows * value
+    return rows, constant_factor(Analyzer().simplify(rows))
 
 
 def _panels_pay(rows: int, weight_bytes: int) -> bool:

@@ -88,7 +88,7 @@ class Matmul(ScheduleRule):
     def _tile(sch: s_tir.Schedule, main, target: Target) -> None:
         lanes = vector_lanes(target, sch.get(main))
         batch, rows, cols, red = sch.get_loops(main)
-        n_rows, row_multiple = extent(sch, rows), _constant_factor(sch.get(rows).extent)
+        n_rows, row_multiple = extent(sch, rows), constant_factor(sch.get(rows).extent)
         row_tile, col_tile = register_tile(n_rows, extent(sch, cols), lanes, row_multiple=row_multiple)
         block = _row_block(n_rows, extent(sch, red), row_tile, row_multiple) \
             if extent(sch, batch) == 1 else None  # batched: padding rows copied A per batch
@@ -246,7 +246,7 @@ def _padded(size, tile: int, symbolic: int) -> int:
     return round_up(size if isinstance(size, int) else symbolic, tile)
 
 
-def _constant_factor(expr) -> int:
+def constant_factor(expr) -> int:
     """The largest constant known to divide `expr` (n * 50 -> 50; a constant -> itself)."""
     if isinstance(expr, tirx.IntImm):
         return int(expr.value)
@@ -466,6 +466,27 @@ def _is_scalar_constant(expr) -> bool:
     return isinstance(expr, tvm.ir.expr.Constant) and expr.value.numpy().size == 1
 
 
+def _splits_in_vectors(columns: int, lanes: int) -> bool:
+    """Whether a row reduction over `columns` splits into partial sums of whole vectors
+    (:func:`.reduction_schedule.accumulator_count` a multiple of `lanes`).  184 columns split into 23
+    partials of 8 elements, not vectors: a merged ViT's softmax ran 1.5x eager's."""
+    count = accumulator_count(columns)
+    return count is not None and count % lanes == 0
+
+
+def _column_bias(call: relax.Call) -> int | None:
+    """The index of the operand of an ``add`` that is a row of column biases, ``(.., 1, N)``, added to
+    scores ``(.., R, N)`` of the same rank (ToMe's attention adds log(size) per key), else None."""
+    dims = [_static_dims(arg) for arg in call.args]
+    if any(d is None for d in dims) or len(dims[0]) != len(dims[1]):
+        return None
+    for index in (1, 0):
+        bias, scores = dims[index], dims[1 - index]
+        if bias[-2] == 1 and scores[-2] > 1 and bias[-1] == scores[-1] and _same_dims(scores, _static_dims(call)):
+            return index
+    return None
+
+
 def _same_dims(first, second) -> bool:
     """Whether two lists of dims (IntImm or symbolic) are provably equal, dim by dim."""
     analyzer = Analyzer()
@@ -596,11 +617,16 @@ class _PadMatmulMutator(relax.PyExprMutator):
     def _sliced_from(self, expr):
         """(padded source, steps) when `expr` is a slice of the last two axes (from 0, step 1) followed by `steps`
         that leave those axes alone: reshapes of the leading dims, a same-shape ``broadcast_to``, a multiply
-        or divide by a scalar (the attention scale).  None otherwise."""
+        or divide by a scalar (the attention scale), an add of a row of column biases (ToMe's log(size),
+        :func:`_column_bias`).  None otherwise."""
         steps = []
         while True:
             bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
             name = getattr(bound.op, "name", "") if isinstance(bound, relax.Call) else ""
+            if name == "relax.add" and _column_bias(bound) is not None:
+                steps.append(bound)
+                expr = bound.args[1 - _column_bias(bound)]
+                continue
             out_dims, in_dims = _static_dims(expr), _static_dims(bound.args[0]) if name else None
             if name == "relax.strided_slice":
                 rank = len(out_dims or ())
@@ -631,6 +657,13 @@ class _PadMatmulMutator(relax.PyExprMutator):
                 full = self.builder_.emit(relax.op.reshape(full, [*lead, rows, cols]))
             elif name in ("relax.multiply", "relax.divide"):
                 full = self.builder_.emit(relax.Call(step.op, [full, step.args[1]], step.attrs))
+            elif name == "relax.add":  # the bias' padded columns are 0; the softmax masks them anyway
+                index = _column_bias(step)
+                bias = step.args[index]
+                rank, width = len(shape_values(bias)), _static_dims(bias)[-1]
+                bias = self.builder_.emit(relax.op.nn.pad(bias, [0] * (2 * rank - 1) + [cols - width]))
+                operands = [full, bias] if index == 1 else [bias, full]
+                full = self.builder_.emit(relax.Call(step.op, operands, step.attrs))
         return full
 
     def _softmax_over_padded_columns(self, call: relax.Call) -> relax.Expr:
@@ -648,7 +681,7 @@ class _PadMatmulMutator(relax.PyExprMutator):
         if shape is None or int(call.attrs.axis) % len(shape) != len(shape) - 1:
             return call
         columns = shape[-1]
-        if columns <= self.lanes or accumulator_count(columns) is not None:
+        if columns <= self.lanes or _splits_in_vectors(columns, self.lanes):
             return call
         found = self._sliced_from(x)
         if found is None:
