@@ -89,13 +89,13 @@ class _PackGemvMutator(relax.PyExprMutator):
         plan = self._plan(call)
         if plan is None:
             return call
-        x, weight, (columns, depth, width) = plan
+        x, weight, (columns, depth, width), padding = plan
         bb = self.builder_
         panels = bb.emit(relax.op.reshape(weight, (columns // width, width, depth)))
         panels = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
         self.packed += 1
         if _static_shape(x) is None:
-            return self._symbolic_rows_times_panels(x, panels, columns)
+            return self._symbolic_rows_times_panels(x, panels, columns, padding)
         rows = math.prod(_static_shape(x)[:-1])
         out_dtype = call.attrs.out_dtype
         out_dtype = None if out_dtype is None or str(out_dtype) in ("", "void") else out_dtype
@@ -124,15 +124,15 @@ class _PackGemvMutator(relax.PyExprMutator):
             return binding.args[0]
         return arg
 
-    def _symbolic_rows_times_panels(self, x, panels, columns: int) -> relax.Expr:
+    def _symbolic_rows_times_panels(self, x, panels, columns: int, padding: tuple | None) -> relax.Expr:
         """``y[.., j] = sum_k x[.., k] Wp[j / NB, k, j % NB]`` over symbolic rows, written in place
         (the matmul rule tiles it as it tiles the transposed layout; unlike the static form of
         :meth:`visit_call_`, no transpose of the result follows).  Token rows that
         :func:`~.schedules.pads_rows` pads, T per item in x ``(n * T, K)`` or ``(n, T, K)``, are
         padded to T' here as :class:`~.schedules.PadMatmuls` pads a matmul's, and the product is
-        sliced back; PadMatmuls then moves the bias add before the slice, into the product's epilogue."""
+        sliced back; PadMatmuls then moves the bias add before the slice, into the product's epilogue.
+        padding: :meth:`_row_padding`'s (source, T, T'), or None."""
         bb = self.builder_
-        padding = self._row_padding(x, columns)
         if padding is None:
             return bb.emit_te(_rows_times_panels, x, panels, primfunc_name_hint="matmul_panels")
         source, tokens, padded = padding
@@ -160,7 +160,7 @@ class _PackGemvMutator(relax.PyExprMutator):
         return source, tokens, round_up(tokens, ROW_PAD)
 
     def _symbolic_rows_plan(self, x, weight, columns: int, depth: int, bits: int, lanes: int):
-        """(x, W, (N, K, NB)) for a float linear over symbolic rows (a dynamic batch) whose weight is not
+        """(x, W, (N, K, NB), padding) for a float linear over symbolic rows (a dynamic batch) whose weight is not
         small: :meth:`_symbolic_rows_times_panels` multiplies the rows with its panels.
 
         A dynamic build cannot tell few rows from many.  With the transposed layout its linears streamed
@@ -181,10 +181,11 @@ class _PackGemvMutator(relax.PyExprMutator):
         width = register_tile(rows, columns, lanes, row_multiple=factor)[1]
         if columns % width or width % lanes or width == columns:
             return None
-        return x, weight, (columns, depth, width)
+        return x, weight, (columns, depth, width), padding
 
     def _plan(self, call: relax.Call):
-        """(x, W, (N, K, NB)) when the call is a linear this pass packs; else None."""
+        """(x, W, (N, K, NB), padding) when the call is a linear this pass packs, else None; padding:
+        :meth:`_row_padding`'s, for symbolic rows only."""
         x, transposed = self._unbroadcast(call.args[0], False), self._unbroadcast(call.args[1], True)
         binding = bound_call(self, transposed, "relax.permute_dims")
         if binding is None:
@@ -215,7 +216,7 @@ class _PackGemvMutator(relax.PyExprMutator):
             return None
         if columns % width or width % lanes or width == columns:
             return None  # a ragged last panel, or one panel: the transposed layout is as good
-        return x, weight, (columns, depth, width)
+        return x, weight, (columns, depth, width), None
 
 
 def _rows_times_panels(x, panels):

@@ -207,7 +207,7 @@ def _noalias(func) -> bool:
 
 
 def _pointer_params(func) -> int:
-    return sum(1 for param in func.params if type(param.ty).__name__ in ("BufferType", "PointerType"))
+    return sum(1 for param in func.params if isinstance(param.ty, (tvm.tirx.BufferType, tvm.ir.PointerType)))
 
 
 def schedule_passes(target: tvm.target.Target, database_dir: str | None = None,

@@ -623,9 +623,10 @@ class _PadMatmulMutator(relax.PyExprMutator):
         while True:
             bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
             name = getattr(bound.op, "name", "") if isinstance(bound, relax.Call) else ""
-            if name == "relax.add" and _column_bias(bound) is not None:
+            bias_index = _column_bias(bound) if name == "relax.add" else None
+            if bias_index is not None:
                 steps.append(bound)
-                expr = bound.args[1 - _column_bias(bound)]
+                expr = bound.args[1 - bias_index]
                 continue
             out_dims, in_dims = _static_dims(expr), _static_dims(bound.args[0]) if name else None
             if name == "relax.strided_slice":
