@@ -144,19 +144,16 @@ class _PackGemvMutator(relax.PyExprMutator):
         return relax.op.reshape(sliced, (batch * tokens, columns)) if flat else sliced
 
     def _row_padding(self, x, columns: int):
-        """(source (n, T, K), T, T') when x's T rows per item pad to T' (:func:`~.schedules.pads_rows`),
+        """(source (n, T, K), T, T') when x's T rows per item pad to T' (:func:`~.schedules.token_rows_to_pad`),
         x being ``source`` or its flattening ``(n * T, K)``; else None."""
-        from fxpress.backends.tvm.schedules import ROW_PAD, pads_rows, round_up
+        from fxpress.backends.tvm.schedule_utils import round_up
+        from fxpress.backends.tvm.schedules import ROW_PAD, token_rows_to_pad
 
-        reshaped = bound_call(self, x, "relax.reshape") if len(shape_values(x)) == 2 else None
-        source = x if reshaped is None else reshaped.args[0]
-        shape = shape_values(source)
-        if shape is None or len(shape) != 3 or isinstance(shape[0], tirx.IntImm) \
-                or not all(isinstance(v, tirx.IntImm) for v in shape[1:]):
+        found = token_rows_to_pad(self, x, columns, max(self.vector_bits // 32, 1))
+        shape = None if found is None else shape_values(found[0])
+        if shape is None or len(shape) != 3 or not isinstance(shape[2], tirx.IntImm):
             return None
-        tokens, depth = int(shape[1]), int(shape[2])
-        if not pads_rows(tokens, columns, max(self.vector_bits // 32, 1)) or int(shape_values(x)[-1]) != depth:
-            return None
+        source, tokens, _flat = found
         return source, tokens, round_up(tokens, ROW_PAD)
 
     def _symbolic_rows_plan(self, x, weight, columns: int, depth: int, bits: int, lanes: int):

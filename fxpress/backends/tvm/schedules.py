@@ -448,6 +448,24 @@ def pads_rows(tokens: int, columns: int, lanes: int) -> bool:
     return cost(padded) < cost(tokens)
 
 
+def token_rows_to_pad(mutator: relax.PyExprMutator, rows: relax.Expr, columns: int, lanes: int):
+    """(x, T, flat) when `rows` are a dynamic batch of T token rows per item that :func:`pads_rows` pads
+    for a matmul of `columns` columns: x ``(n, T, K)`` with a symbolic n itself (flat False), or behind
+    the flattening ``reshape(x, (n * T, K))`` that `mutator` bound (flat True; x may then be
+    ``(n, T, heads, head dim)``).  None otherwise.  :meth:`_PadMatmulMutator._token_rows` and the
+    weight panels over a dynamic batch (:mod:`.gemv_schedule`) pad such rows to ``round_up(T, ROW_PAD)``."""
+    reshaped = bound_call(mutator, rows, "relax.reshape") if len(shape_values(rows) or ()) == 2 else None
+    x, flat = (rows, False) if reshaped is None else (reshaped.args[0], True)
+    shape = shape_values(x)
+    if shape is None or len(shape) < 3 or (len(shape) > 3 and not flat):
+        return None
+    batch, tokens = shape[:2]
+    if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) \
+            or not pads_rows(int(tokens), columns, lanes):
+        return None
+    return x, int(tokens), flat
+
+
 def _slice_axes(call: relax.Call, rank: int) -> set[int]:
     """The axes a ``strided_slice`` call slices, as non-negative ints."""
     return {int(getattr(axis, "value", axis)) % rank for axis in call.args[1]}
@@ -542,23 +560,18 @@ class _PadMatmulMutator(relax.PyExprMutator):
         w_shape = shape_values(weight)
         if w_shape is None or len(w_shape) != 2 or not all(isinstance(v, tirx.IntImm) for v in w_shape):
             return None
-        found = self._flattened(rows) if len(shape_values(rows) or ()) == 2 else None
-        x, flat = (rows, False) if found is None else (found[0], True)
-        x_shape = shape_values(x)
-        if x_shape is None or len(x_shape) < 3 or (len(x_shape) > 3 and not flat):
-            return None
-        batch, tokens, *features = x_shape
         depth, columns = w_shape
-        if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) \
-                or not pads_rows(int(tokens), int(columns), self.lanes):
+        found = token_rows_to_pad(self, rows, int(columns), self.lanes)
+        if found is None:
             return None
+        x, tokens, flat = found
+        batch, _, *features = shape_values(x)
         bb = self.builder_
         if len(features) > 1:  # (n, T, heads, head dim) after attention, its reshapes merged into one
             if not all(isinstance(f, tirx.IntImm) for f in features) \
                     or math.prod(int(f) for f in features) != int(depth):
                 return None
             x = bb.emit(relax.op.reshape(x, (batch, tokens, depth)))
-        tokens = int(tokens)
         padded = round_up(tokens, ROW_PAD)
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
         product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
