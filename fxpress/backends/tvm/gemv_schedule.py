@@ -146,15 +146,14 @@ class _PackGemvMutator(relax.PyExprMutator):
     def _row_padding(self, x, columns: int):
         """(source (n, T, K), T, T') when x's T rows per item pad to T' (:func:`~.schedules.token_rows_to_pad`),
         x being ``source`` or its flattening ``(n * T, K)``; else None."""
-        from fxpress.backends.tvm.schedule_utils import round_up
-        from fxpress.backends.tvm.schedules import ROW_PAD, token_rows_to_pad
+        from fxpress.backends.tvm.schedules import token_rows_to_pad
 
         found = token_rows_to_pad(self, x, columns, max(self.vector_bits // 32, 1))
         shape = None if found is None else shape_values(found[0])
         if shape is None or len(shape) != 3 or not isinstance(shape[2], tirx.IntImm):
             return None
-        source, tokens, _flat = found
-        return source, tokens, round_up(tokens, ROW_PAD)
+        source, tokens, padded, _flat = found
+        return source, tokens, padded
 
     def _symbolic_rows_plan(self, x, weight, columns: int, depth: int, bits: int, lanes: int):
         """(x, W, (N, K, NB), padding) for a float linear over symbolic rows (a dynamic batch) whose weight is not

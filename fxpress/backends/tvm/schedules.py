@@ -449,11 +449,11 @@ def pads_rows(tokens: int, columns: int, lanes: int) -> bool:
 
 
 def token_rows_to_pad(mutator: relax.PyExprMutator, rows: relax.Expr, columns: int, lanes: int):
-    """(x, T, flat) when `rows` are a dynamic batch of T token rows per item that :func:`pads_rows` pads
-    for a matmul of `columns` columns: x ``(n, T, K)`` with a symbolic n itself (flat False), or behind
+    """(x, T, T', flat) when `rows` are a dynamic batch of T token rows per item that :func:`pads_rows`
+    pads to T' = ``round_up(T, ROW_PAD)`` for a matmul of `columns` columns: x ``(n, T, K)`` with a symbolic n itself (flat False), or behind
     the flattening ``reshape(x, (n * T, K))`` that `mutator` bound (flat True; x may then be
     ``(n, T, heads, head dim)``).  None otherwise.  :meth:`_PadMatmulMutator._token_rows` and the
-    weight panels over a dynamic batch (:mod:`.gemv_schedule`) pad such rows to ``round_up(T, ROW_PAD)``."""
+    weight panels over a dynamic batch (:mod:`.gemv_schedule`) pad such rows."""
     reshaped = bound_call(mutator, rows, "relax.reshape") if len(shape_values(rows) or ()) == 2 else None
     x, flat = (rows, False) if reshaped is None else (reshaped.args[0], True)
     shape = shape_values(x)
@@ -463,7 +463,7 @@ def token_rows_to_pad(mutator: relax.PyExprMutator, rows: relax.Expr, columns: i
     if isinstance(batch, tirx.IntImm) or not isinstance(tokens, tirx.IntImm) \
             or not pads_rows(int(tokens), columns, lanes):
         return None
-    return x, int(tokens), flat
+    return x, int(tokens), round_up(int(tokens), ROW_PAD), flat
 
 
 def _slice_axes(call: relax.Call, rank: int) -> set[int]:
@@ -564,7 +564,7 @@ class _PadMatmulMutator(relax.PyExprMutator):
         found = token_rows_to_pad(self, rows, int(columns), self.lanes)
         if found is None:
             return None
-        x, tokens, flat = found
+        x, tokens, padded, flat = found
         batch, _, *features = shape_values(x)
         bb = self.builder_
         if len(features) > 1:  # (n, T, heads, head dim) after attention, its reshapes merged into one
@@ -572,7 +572,6 @@ class _PadMatmulMutator(relax.PyExprMutator):
                     or math.prod(int(f) for f in features) != int(depth):
                 return None
             x = bb.emit(relax.op.reshape(x, (batch, tokens, depth)))
-        padded = round_up(tokens, ROW_PAD)
         x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
         product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
         sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
