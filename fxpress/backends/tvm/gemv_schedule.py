@@ -91,7 +91,10 @@ class _PackGemvMutator(relax.PyExprMutator):
             return call
         x, weight, (columns, depth, width), padding = plan
         bb = self.builder_
-        panels = bb.emit(relax.op.reshape(weight, (columns // width, width, depth)))
+        whole = -(-columns // width) * width
+        if whole != columns:  # symbolic rows only: zero columns up to whole panels, sliced off the product
+            weight = bb.emit(relax.op.nn.pad(weight, [0, whole - columns, 0, 0]))
+        panels = bb.emit(relax.op.reshape(weight, (whole // width, width, depth)))
         panels = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
         self.packed += 1
         if _static_shape(x) is None:
@@ -131,17 +134,18 @@ class _PackGemvMutator(relax.PyExprMutator):
         :func:`~.schedules.pads_rows` pads, T per item in x ``(n * T, K)`` or ``(n, T, K)``, are
         padded to T' here as :class:`~.schedules.PadMatmuls` pads a matmul's, and the product is
         sliced back; PadMatmuls then moves the bias add before the slice, into the product's epilogue.
-        padding: :meth:`_row_padding`'s (source, T, T'), or None."""
+        Panels padded with zero columns (N not a multiple of their width) lose those columns the same
+        way.  padding: :meth:`_row_padding`'s (source, T, T'), or None."""
         bb = self.builder_
         if padding is None:
-            return bb.emit_te(_rows_times_panels, x, panels, primfunc_name_hint="matmul_panels")
+            product = bb.emit_te(_rows_times_panels, x, panels, primfunc_name_hint="matmul_panels")
+            return _first_columns(bb, product, columns)
+        from fxpress.backends.tvm.schedules import product_of_padded_rows
+
         source, tokens, padded = padding
-        batch = shape_values(source)[0]
-        rows = bb.emit(relax.op.nn.pad(source, [0, 0, 0, padded - tokens, 0, 0]))
-        product = bb.emit_te(_rows_times_panels, rows, panels, primfunc_name_hint="matmul_panels")
-        sliced = bb.emit(relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True))
-        flat = len(shape_values(x)) == 2
-        return relax.op.reshape(sliced, (batch * tokens, columns)) if flat else sliced
+        return product_of_padded_rows(bb, source, tokens, padded, len(shape_values(x)) == 2,
+                                      lambda rows: bb.emit_te(_rows_times_panels, rows, panels,
+                                                              primfunc_name_hint="matmul_panels"), columns)
 
     def _row_padding(self, x, columns: int):
         """(source (n, T, K), T, T') when x's T rows per item pad to T' (:func:`~.schedules.token_rows_to_pad`),
@@ -175,7 +179,7 @@ class _PackGemvMutator(relax.PyExprMutator):
             source, _tokens, padded = padding
             rows, factor = shape_values(source)[0] * padded, padded
         width = register_tile(rows, columns, lanes, row_multiple=factor)[1]
-        if columns % width or width % lanes or width == columns:
+        if width % lanes or width >= columns:
             return None
         return x, weight, (columns, depth, width), padding
 
@@ -225,6 +229,14 @@ def _rows_times_panels(x, panels):
     columns = panels.shape[0] * width
     return te.compute((*lead, columns), lambda *i: te.sum(x[(*i[:-1], k)] * panels[i[-1] // width, k, i[-1] % width],
                                                           axis=k), name="matmul_panels")
+
+
+def _first_columns(bb: relax.BlockBuilder, product: relax.Var, columns: int) -> relax.Var:
+    """`product` without the zero columns of a weight padded to whole panels."""
+    shape = shape_values(product)
+    if int(shape[-1]) == columns:
+        return product
+    return bb.emit(relax.op.strided_slice(product, [len(shape) - 1], [0], [columns], assume_inbound=True))
 
 
 def _symbolic_rows(x) -> tuple | None:

@@ -466,6 +466,24 @@ def token_rows_to_pad(mutator: relax.PyExprMutator, rows: relax.Expr, columns: i
     return x, int(tokens), round_up(int(tokens), ROW_PAD), flat
 
 
+def product_of_padded_rows(bb: relax.BlockBuilder, x: relax.Expr, tokens: int, padded: int, flat: bool,
+                           product, columns: int) -> relax.Expr:
+    """`product` of x ``(n, T, K)`` with its T rows per item padded to T', back to T rows and to `columns`
+    columns (a product of zero-padded weight panels has more), flattened to ``(n * T, columns)`` when
+    `flat`.  product: the padded rows ``(n, T', K)`` -> a bound ``(n, T', N)``.  For
+    :meth:`_PadMatmulMutator._token_rows` and the weight panels over a dynamic batch
+    (:mod:`.gemv_schedule`), with :func:`token_rows_to_pad`'s (x, T, T', flat)."""
+    rows = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
+    computed = product(rows)
+    if int(shape_values(computed)[-1]) == columns:
+        sliced = relax.op.strided_slice(computed, [1], [0], [tokens], assume_inbound=True)
+    else:
+        sliced = relax.op.strided_slice(computed, [1, 2], [0, 0], [tokens, columns], assume_inbound=True)
+    if not flat:
+        return sliced
+    return relax.op.reshape(bb.emit(sliced), (shape_values(x)[0] * tokens, columns))
+
+
 def _slice_axes(call: relax.Call, rank: int) -> set[int]:
     """The axes a ``strided_slice`` call slices, as non-negative ints."""
     return {int(getattr(axis, "value", axis)) % rank for axis in call.args[1]}
@@ -572,10 +590,8 @@ class _PadMatmulMutator(relax.PyExprMutator):
                     or math.prod(int(f) for f in features) != int(depth):
                 return None
             x = bb.emit(relax.op.reshape(x, (batch, tokens, depth)))
-        x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, padded - tokens, 0, 0]))
-        product = bb.emit(relax.Call(call.op, [x, weight], call.attrs))
-        sliced = relax.op.strided_slice(product, [1], [0], [tokens], assume_inbound=True)
-        return relax.op.reshape(bb.emit(sliced), (batch * tokens, columns)) if flat else sliced
+        return product_of_padded_rows(bb, x, tokens, padded, flat,
+                                      lambda rows: bb.emit(relax.Call(call.op, [rows, weight], call.attrs)), int(columns))
 
     def _flattened(self, expr):
         """(source, shape) when `expr` is a variable bound to ``reshape(source, shape)``, else None."""
