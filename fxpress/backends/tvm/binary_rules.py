@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxpress.backends.tvm.rules import RuleContext, register_lowering, relax_shape, static_int
+from fxpress.backends.tvm.rules import RuleContext, register_lowering, relax_shape, rows_as_one_var, static_int
 from fxpress.errors import LoweringError
 
 WORD = 32  # bits per packed word: 16 lanes of vpopcntd per 512-bit vector, int32 sums
@@ -336,14 +336,15 @@ def lower_binary_conv2d_mst(ctx: RuleContext, node: torch.fx.Node):
 
 def _emit_linear(ctx: RuleContext, x, make_wt, scale, bias, node: torch.fx.Node):
     """(..., K) -> (M, K, 1, 1), the 1x1 popcount conv, -> (..., N)."""
-    from tvm import relax, tirx
+    from tvm import relax
 
     *lead, k = relax_shape(x)
     geometry = ConvGeometry(_static(k, "in_features", node), 1, 1, (1, 1))
     rows = math.prod(lead) if lead else 1
-    x4 = ctx.bb.emit(relax.op.reshape(x, [rows, geometry.channels, 1, 1]))
-    if not hasattr(rows, "value"):  # a product of dynamic dims: one variable, so PrimFuncs can bind it
-        x4 = ctx.bb.match_cast(x4, relax.TensorType([tirx.Var("rows", "int64"), *relax_shape(x4)[1:]], x.ty.dtype))
+    if hasattr(rows, "value") or isinstance(rows, int):
+        x4 = ctx.bb.emit(relax.op.reshape(x, [rows, geometry.channels, 1, 1]))
+    else:  # a product of dynamic dims: one variable, so PrimFuncs can bind it
+        x4 = rows_as_one_var(ctx.bb, x, [rows, geometry.channels, 1, 1], "rows")
     wt = make_wt(geometry)
     out = _emit_popcount_conv(ctx, node, x4, wt, geometry, scale, bias, "fxpress_binary_linear")
     return ctx.bb.emit(relax.op.reshape(out, [*lead, relax_shape(wt)[3]]))

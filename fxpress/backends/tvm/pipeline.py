@@ -62,6 +62,9 @@ def _reshape_affine(bb, call):
     dynamic-batch ViT's linears (``reshape(x, (n * T, K))``, matmul, bias, ``reshape`` back) ran as
     separate kernels for the matmul, the slice of padded rows, the bias and each activation.  Here
     the first dim takes the quotient alone (the flat index is in bounds), so the gather is injective.
+    Reshapes to a product of dims (attention's ``(n, H, T, D) -> (n * H, T, D)``) fuse too: left opaque,
+    each was a VM reshape between two kernels, and the pad after it a kernel of its own.  Rules that
+    name such a product with a match_cast reshape with TVM's gather (:func:`.rules.rows_as_one_var`).
     """
     from tvm import te
     from tvm.sym.analyzer import Analyzer
@@ -72,10 +75,7 @@ def _reshape_affine(bb, call):
     in_shape, out_shape = shape_values(data), shape_values(call)
     static = in_shape is not None and out_shape is not None and \
         all(isinstance(dim, tvm.tirx.IntImm) for dim in [*in_shape, *out_shape])
-    # only reshapes to plain dims: a product (n * T) stays opaque, as the match_cast some rules put
-    # after one to name it (binary_rules, sparse_rules) cannot sit inside a fused function
-    plain = out_shape is not None and all(isinstance(dim, (tvm.tirx.IntImm, tvm.tirx.Var)) for dim in out_shape)
-    if static or not plain or not isinstance(target, relax.ShapeExpr):
+    if static or out_shape is None or not isinstance(target, relax.ShapeExpr):
         return tvm.ir.Op.get("relax.reshape").get_attr("FLegalize")(bb, call)
 
     def gather(tensor, out_shape):  # out_shape as a call_te argument makes its symbolic dims parameters
@@ -162,9 +162,74 @@ def _lower_and_finalize(cuda: bool = False) -> list:
         relax.transform.LowerRuntimeBuiltin(),
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
+        reuse_shape_values,
         relax.transform.AttachGlobalSymbol(),
         single_pointer_functions_noalias,
     ]
+
+
+SHAPE_BUILTINS = ("vm.builtin.make_shape", "vm.builtin.make_prim_value")
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.ReuseShapeValues")
+def reuse_shape_values(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+    """One VM call per distinct symbolic shape (and prim value) of a function, not one per use.
+
+    ``VMShapeLower`` builds every symbolic shape from the shape heap where it is used: a ViT over a
+    dynamic batch made 456 ``make_shape`` calls per run for 235 distinct shapes, and 93
+    ``make_prim_value`` calls for one value.  Each is an interpreted VM call of about a
+    microsecond, most of what a dynamic build lost to its static build at batch 1.  A heap slot is
+    written once, before any read, so a later call with the same arguments in the function's
+    top-level bindings returns the same value: its uses read the first call's variable.  Only
+    those variables change: this runs after ``KillAfterLastUse``, so no other binding may move
+    (``CanonicalizeBindings`` here read a tensor after its kill: a crash).
+    """
+    changed = {}
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+            top = {binding.var for block in func.body.blocks for binding in block.bindings}
+            reuse = _ShapeValueReuse(mod, top)
+            rewritten = reuse.visit_expr(func)
+            if reuse.reused:
+                changed[gvar] = rewritten
+    if not changed:
+        return mod
+    mod = mod.clone()
+    for gvar, func in changed.items():
+        mod[gvar] = func
+    return mod
+
+
+@relax.expr_functor.mutator
+class _ShapeValueReuse(relax.PyExprMutator):
+    """:func:`reuse_shape_values` on one function; `top`: the variables of its top-level bindings."""
+
+    def __init__(self, mod: tvm.IRModule, top: set):
+        super().__init__(mod)
+        self.top = top
+        self.first: dict[tuple, relax.Var] = {}
+        self.reused = 0
+
+    def visit_var_binding_(self, binding: relax.VarBinding) -> None:
+        key = _shape_call_key(binding.value) if binding.var in self.top else None
+        if key in self.first:
+            self.set_var_remap(binding.var, self.first[key])
+            self.reused += 1
+            return
+        super().visit_var_binding_(binding)
+        if key is not None:
+            self.first[key] = binding.var  # its value reads the heap and constants alone: not rewritten
+
+
+def _shape_call_key(value: relax.Expr) -> tuple | None:
+    """(builtin, heap, integer arguments) of a ``make_shape``/``make_prim_value`` call, else None."""
+    if not isinstance(value, relax.Call) or not isinstance(value.op, relax.ExternFunc) \
+            or value.op.global_symbol not in SHAPE_BUILTINS or not value.args \
+            or not isinstance(value.args[0], relax.Var):
+        return None
+    if not all(isinstance(arg, tvm.tirx.IntImm) for arg in value.args[1:]):
+        return None
+    return (value.op.global_symbol, value.args[0], *(int(arg.value) for arg in value.args[1:]))
 
 
 @tvm.transform.module_pass(opt_level=0, name="fxpress.SinglePointerFunctionsNoAlias")

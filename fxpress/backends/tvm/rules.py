@@ -67,6 +67,19 @@ def relax_shape(value: Any) -> list[Any]:
     return list(value.ty.shape.values)
 
 
+def rows_as_one_var(bb, x, shape: list, name: str):
+    """`x` reshaped to `shape`, whose first dim is a product of symbolic dims, that product named as
+    one TIR variable `name` (a match_cast) so that a PrimFunc taking the result can bind it.
+
+    The reshape is TVM's TE gather, whose modulo indexing keeps it opaque: fused into a producer,
+    FuseTIR could not map the match_cast's buffer (fxpress legalizes other reshapes to products as
+    injective gathers, which fuse: :func:`.pipeline._reshape_affine`)."""
+    from tvm import relax, tirx, topi
+
+    flat = bb.emit_te(topi.reshape, x, shape, primfunc_name_hint="reshape")
+    return bb.match_cast(flat, relax.TensorType([tirx.Var(name, "int64"), *relax_shape(flat)[1:]], x.ty.dtype))
+
+
 def static_int(node: torch.fx.Node, value: Any, what: str, fix: str) -> int:
     """`value` (an int or IntImm) as an int; a LoweringError naming the op, node and `fix` if symbolic."""
     if isinstance(value, int):

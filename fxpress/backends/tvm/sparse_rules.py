@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch.fx
 
-from fxpress.backends.tvm.rules import OPAQUE, RuleContext, register_lowering, relax_shape, static_int
+from fxpress.backends.tvm.rules import OPAQUE, RuleContext, register_lowering, relax_shape, rows_as_one_var, static_int
 from fxpress.errors import LoweringError
 
 TOKEN_TILE = 16  # tokens per vectorized tile
@@ -80,7 +80,7 @@ def _static(node: torch.fx.Node, value, what: str) -> int:
 @register_lowering("fxpress::sparse_linear")
 def lower_sparse_linear(ctx: RuleContext, node: torch.fx.Node):
     """x @ W.T + bias, W compressed -> transpose, the token-minor TIR SpMM, transpose back."""
-    from tvm import relax, tirx
+    from tvm import relax
 
     x, values, col_index, row_ptr, bias, out_features = ctx.args(node)[:6]
     *lead, k = relax_shape(x)
@@ -93,15 +93,15 @@ def lower_sparse_linear(ctx: RuleContext, node: torch.fx.Node):
         raise LoweringError(f"fxpress::sparse_linear at node {node.format_node()}: float32 x and a row_ptr of "
                             f"{blocks + 1} entries expected (out_features={out_features}, R={block_rows})")
     tokens = math.prod(lead) if lead else 1
-    x2 = ctx.bb.emit(relax.op.reshape(x, [tokens, k]))
     padded = tokens
     if isinstance(tokens, int) or hasattr(tokens, "value"):  # static: pad to whole tiles (no scalar tail)
+        x2 = ctx.bb.emit(relax.op.reshape(x, [tokens, k]))
         tokens = int(tokens)
         padded = math.ceil(tokens / TOKEN_TILE) * TOKEN_TILE
         if padded != tokens:
             x2 = ctx.bb.emit(relax.op.concat([x2, relax.const(np.zeros((padded - tokens, k), "float32"))]))
     else:  # symbolic: one variable the kernel binds; the last partial tile runs scalar
-        x2 = ctx.bb.match_cast(x2, relax.TensorType([tirx.Var("tokens", "int64"), k], "float32"))
+        x2 = rows_as_one_var(ctx.bb, x, [tokens, k], "tokens")
         padded = relax_shape(x2)[0]
     xt = ctx.bb.emit(relax.op.permute_dims(x2, [1, 0]))
     bias_rows = _bias_rows(ctx, bias, out_features, rows)
