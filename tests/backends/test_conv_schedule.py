@@ -142,15 +142,17 @@ def test_a_chain_of_epilogues_is_computed_from_the_tile(tmp_path):
     body = script[script.index(f"def {name}("):]
     body = body[:body.index("@T.prim_func")] if "@T.prim_func" in body else body
     allocated = re.findall(r"(\w+) = T\.sblock_alloc_buffer", body)
-    assert sorted(allocated) == ["conv2d_nhwc_intermediate_global", "pad_temp"], allocated
-    assert "T.max(" in body and body.count("T.parallel(") == 2  # the padding copy and the tiles
+    # the input's zero padding is made by its NCHW -> NHWC transpose (PadInProducer), so the tiles are all
+    assert allocated == ["conv2d_nhwc_intermediate_global"], allocated
+    assert "T.max(" in body and body.count("T.parallel(") == 1
 
 
 def test_a_conv_without_padding_reads_its_input_in_place(tmp_path):
     """TOPI's pad_temp of a 1x1 (or 'valid') conv is a plain copy of the input: it is inlined, so the
     tiles read the input where it lies; a padded conv keeps its (vectorized) padding copy."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3)).eval()
+    # (a 1x1 first: a padded conv straight after the input's layout transpose has its padding made there)
+    model = nn.Sequential(nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3)).eval()
     x = torch.randn(2, 16, 12, 12)
     built = backends.compile(capture(model, (x,), name="unpadded"), "llvm", dump_ir=tmp_path)
     with torch.no_grad():
@@ -160,6 +162,59 @@ def test_a_conv_without_padding_reads_its_input_in_place(tmp_path):
     padded = {name: "pad_temp = T.sblock_alloc_buffer" in body for name, body in functions}
     assert len(padded) == 3 and sorted(padded.values()) == [False, False, True], padded
     assert script.count('"conv-dense"') == 6
+
+
+class Guided(nn.Module):
+    """gdnet-lite's joins: a conv over a concatenation, one over an upsampling, one over a concatenation
+    that something else reads too."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.depth = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.fuse = nn.Conv2d(16, 8, 3, padding=2, dilation=2)
+        self.up = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(16, 4, 3, padding=1)
+
+    def forward(self, x):
+        image, depth = torch.relu(self.image(x)), torch.relu(self.depth(x))
+        fused = torch.relu(self.fuse(torch.cat([image, depth], dim=1)))
+        up = self.up(nn.functional.interpolate(fused, scale_factor=2, mode="bilinear", align_corners=False))
+        shared = torch.cat([fused, image], dim=1)
+        return self.head(shared) + shared.mean(dim=1, keepdim=True), up
+
+
+def _conv_functions(script: str) -> dict[str, str]:
+    return dict(re.findall(r"def (\w*conv2d\w*)\((.*?)(?=\n    @T\.prim_func|\n    @R\.function|\Z)", script, re.S))
+
+
+def test_a_conv_over_a_concatenation_or_resize_is_padded_by_it(tmp_path, monkeypatch):
+    """The zero padding of a conv whose input a concatenation, a resize or a layout transpose makes (read by
+    the conv alone) is written by that copy's kernel, and the conv reads it in place: one copy, not two.
+    A concatenation something else reads too keeps it (the conv pads its own copy)."""
+    import tvm
+
+    from fxpress.backends.tvm import conv_schedule
+
+    torch.manual_seed(0)
+    model = Guided().eval()
+    x = torch.randn(2, 8, 12, 12)
+    built = backends.compile(capture(model, (x,), name="guided"), "llvm", dump_ir=tmp_path)
+    with torch.no_grad():
+        for got, want in zip(built(x), model(x)):
+            assert (got - want).abs().max().item() < 1e-5
+    script = (tmp_path / "02_scheduled.tir.py").read_text()
+    joined = set(re.findall(r"def (fused_\w*(?:concatenate|resize2d)\w*_pad\w*)\(", script))
+    assert any("concatenate" in name for name in joined) and any("resize2d" in name for name in joined), joined
+    padded = {name: "pad_temp = T.sblock_alloc_buffer" in body for name, body in _conv_functions(script).items()}
+    # only head pads its own input (the shared concatenation); image's is padded by x's layout transpose
+    assert len(padded) == 5 and [name for name, own in padded.items() if own] == ["fused_conv2d4_add2_add3"], padded
+
+    unmoved = tmp_path / "unmoved"  # the pipeline without the pass: every padded conv copies its input
+    monkeypatch.setattr(conv_schedule, "PadInProducer",
+                        lambda: tvm.transform.module_pass(lambda mod, _ctx: mod, opt_level=0, name="unmoved"))
+    backends.compile(capture(model, (x,), name="guided"), "llvm", dump_ir=unmoved)
+    before = (unmoved / "02_scheduled.tir.py").read_text()
+    assert sum("pad_temp = T.sblock_alloc_buffer" in body for body in _conv_functions(before).values()) == 4
 
 
 def test_pad_unit_is_the_vector_or_half_of_avx512s():

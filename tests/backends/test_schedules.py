@@ -533,8 +533,8 @@ def test_softmax_over_a_prime_token_count_runs_on_the_padded_scores(dynamic, col
 def test_kernels_keep_per_buffer_alias_information(dynamic):
     """Every kernel's loads and stores carry their buffer's TBAA tag, none the shared ``tvm-alias`` one.
 
-    A register tile over 1,024 bytes (12 x 32 floats) is a workspace allocation, not a stack array; it
-    stays in registers only while LLVM can tell it from the operands.  A kernel whose buffers codegen
+    A register tile lives in memory LLVM must tell from the operands (a stack array, or from 1,024
+    bytes a workspace allocation where ``stack_tiles`` does not apply); it stays in registers only then.  A kernel whose buffers codegen
     marks as possibly aliasing (``tvm-alias``) stored its accumulators after every FMA and reloaded the
     broadcast row (2x slower).  TVM 0.27 marked every kernel so when the dynamic build's ``shape_func``
     sorted last (:func:`~fxpress.backends.tvm.pipeline.single_pointer_functions_noalias`).
@@ -621,3 +621,48 @@ def test_a_dynamic_function_builds_each_symbolic_shape_once():
     twice = data + data
     torch.testing.assert_close(outputs["all"], (twice * data + twice - data).flatten(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outputs["all"], outputs["without"], rtol=0, atol=0)
+
+
+def _tile_kernel(floats: int):
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def kernel(a: T.Buffer((4, floats), "float32"), b: T.Buffer((4, floats), "float32")):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "kernel"})
+        for i in range(4):
+            with T.sblock("row"):
+                vi = T.axis.spatial(4, i)
+                tile = T.sblock_alloc_buffer((floats,), "float32")
+                for j in range(floats):
+                    with T.sblock("load"):
+                        vj = T.axis.spatial(floats, j)
+                        tile[vj] = a[vi, vj] * T.float32(2)
+                for j in range(floats):
+                    with T.sblock("store"):
+                        vj = T.axis.spatial(floats, j)
+                        b[vi, vj] = tile[floats - 1 - vj] + T.float32(1)
+
+    return kernel
+
+
+@pytest.mark.parametrize("floats, default, ours", [(64, "stack", "stack"), (256, "pool", "stack"),
+                                                   (1024, "pool", "stack"), (8192, "pool", "pool")])
+def test_tile_buffers_up_to_16_kb_stay_on_the_stack(floats, default, ours):
+    """TVM allocates a constant-size buffer of 1,024 bytes or more from its workspace pool, once per tile:
+    16 AVX-512 accumulators are exactly that much.  The "fxpress" TIR pipeline keeps such buffers up to
+    16 KB on the stack (:func:`~fxpress.backends.tvm.pipeline.stack_tiles`); larger ones still come
+    from the pool.  The kernel computes the same either way."""
+    import numpy as np
+    import tvm
+
+    from fxpress.backends.tvm.pipeline import STACK_BYTES
+
+    assert STACK_BYTES == 16 << 10
+    data = np.random.default_rng(0).random((4, floats), dtype=np.float32)
+    for pipeline, expected in (("default", default), ("fxpress", ours)):
+        library = tvm.compile(tvm.IRModule({"kernel": _tile_kernel(floats)}), "llvm", tir_pipeline=pipeline)
+        code = library.mod.inspect_source("asm")
+        assert ("pool" if "TVMBackendAllocWorkspace" in code else "stack") == expected, (floats, pipeline)
+        out = tvm.runtime.tensor(np.zeros_like(data))
+        library["kernel"](tvm.runtime.tensor(data), out)
+        np.testing.assert_array_equal(out.numpy(), data[:, ::-1] * 2 + 1)

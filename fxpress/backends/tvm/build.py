@@ -47,7 +47,8 @@ def compile_relax(lowered: Lowered, spec: TargetSpec, *, database_dir: str | Non
         executable = tvm.compile(lowered.mod, target,
                                  relax_pipeline=build_pipeline(target, database_dir=database_dir,
                                                                schedule=schedule, dump_dir=dump_ir,
-                                                               upper_bounds=upper_bounds))
+                                                               upper_bounds=upper_bounds),
+                                 tir_pipeline="fxpress")
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds
         raise LoweringError(f"TVM failed to compile for {spec.name}: {type(err).__name__}: "
                             f"{str(err).strip().splitlines()[-1][:400]}") from err

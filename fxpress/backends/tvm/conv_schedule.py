@@ -52,7 +52,8 @@ from fxpress.backends.tvm.schedules import (ACCUMULATORS, _inline_plain_epilogue
 log = logging.getLogger(__name__)
 
 ANNOTATION = "fxpress.schedule"
-MAX_PIXELS = 12  # the widest pixel tile (unrolled)
+MAX_PIXELS = 12  # the widest pixel tile (unrolled) of full-width vectors
+MAX_HALF_PIXELS = 16  # of half-width ones (8 output channels on AVX-512)
 MAX_VECTORS = 4  # the widest channel tile, in vectors
 
 
@@ -60,8 +61,9 @@ MAX_VECTORS = 4  # the widest channel tile, in vectors
 
 def pad_unit(lanes: int) -> int:
     """Output channels a ragged conv is padded to a multiple of: the vector, or with 16 lanes
-    (AVX-512) half of it: an 8-channel tile runs 256-bit vectors, as many MACs per cycle on a core
-    that splits 512-bit FMAs (znver4) and never more padding (rank 7 -> 8, not 16)."""
+    (AVX-512) half of it: an 8-channel tile runs 256-bit vectors and never more padding (rank 7 -> 8,
+    not 16).  On znver4, which splits 512-bit FMAs, 256-bit ones reach ~86% of their MACs per cycle
+    (a C loop of broadcast FMAs: 50 against 58 G lane-FMAs/s), far better than twice the MACs."""
     return lanes // 2 if lanes >= 16 else lanes
 
 
@@ -93,10 +95,7 @@ class _PadChannelsMutator(relax.PyExprMutator):
         padded = round_up(channels, self.unit)
         bb = self.builder_
         weight = bb.emit(relax.op.nn.pad(call.args[1], [0, 0, 0, 0, 0, 0, 0, padded - channels]))
-        out_layout = str(attrs.out_layout) if attrs.out_layout is not None else None
-        out_dtype = attrs.out_dtype if str(attrs.out_dtype) not in ("", "void") else None
-        conv = bb.emit(relax.op.nn.conv2d(call.args[0], weight, attrs.strides, attrs.padding, attrs.dilation, 1,
-                                          "NHWC", "HWIO", out_layout, out_dtype))
+        conv = bb.emit(_conv2d_like(call, call.args[0], weight))
         self.padded += 1
         return relax.op.strided_slice(conv, [3], [0], [channels], assume_inbound=True)
 
@@ -117,6 +116,88 @@ class PadConvChannels:
         mutator = _PadChannelsMutator(mod, self.lanes)
         mod = rewrite_relax_functions(mod, mutator, lambda: mutator.padded)
         log.debug("padded the output channels of %d convolutions", mutator.padded)
+        return mod
+
+
+# Copies whose output a conv's zero padding can be computed in: FuseOps joins an injective producer and
+# the pad after it into one kernel.
+_COPY_OPS = ("relax.concat", "relax.image.resize2d", "relax.permute_dims")
+
+
+@relax.expr_functor.visitor
+class _UseCounter(relax.PyExprVisitor):
+    """How many times each variable of a function is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.uses: dict = {}
+
+    def visit_var_(self, var: relax.Var) -> None:
+        self.uses[var] = self.uses.get(var, 0) + 1
+
+    def visit_dataflow_var_(self, var: relax.DataflowVar) -> None:
+        self.uses[var] = self.uses.get(var, 0) + 1
+
+
+@relax.expr_functor.mutator
+class _PadInProducerMutator(relax.PyExprMutator):
+    """``conv2d(copy(..), padding=p)`` (NHWC), where the copy (a concat, a resize, a layout transpose) is read
+    by the conv alone -> ``conv2d(pad(copy(..)), padding=0)``: the pad joins the copy's kernel, and the conv,
+    with nothing left to pad, reads its input in place (:func:`_schedule_padding`).  One copy where there
+    were two: the producer's and the conv's ``pad_temp``."""
+
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.uses: dict = {}
+        self.moved = 0
+
+    def prepare(self, func: relax.Function) -> bool:
+        counter = _UseCounter()
+        counter.visit_expr(func)
+        self.uses = counter.uses
+        return True
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        original = call
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") != "relax.nn.conv2d" or str(call.attrs.data_layout) != "NHWC":
+            return call
+        padding = [int(p) for p in call.attrs.padding]
+        source = original.args[0]
+        producer = self.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+        if (not any(padding) or getattr(getattr(producer, "op", None), "name", "") not in _COPY_OPS
+                or self.uses.get(source, 0) != 1):
+            return call
+        top, left, bottom, right = padding
+        bb = self.builder_
+        padded = bb.emit(relax.op.nn.pad(call.args[0], [0, 0, top, bottom, left, right, 0, 0]))
+        self.moved += 1
+        return _conv2d_like(call, padded, call.args[1], padding=[0, 0, 0, 0])
+
+
+def _conv2d_like(call: relax.Call, data, weight, padding=None) -> relax.Expr:
+    """``relax.nn.conv2d(data, weight)`` with `call`'s attributes (its padding unless given)."""
+    attrs = call.attrs
+    out_layout = str(attrs.out_layout) if attrs.out_layout is not None else None
+    out_dtype = attrs.out_dtype if str(attrs.out_dtype) not in ("", "void") else None
+    return relax.op.nn.conv2d(data, weight, attrs.strides, attrs.padding if padding is None else padding,
+                              attrs.dilation, int(attrs.groups), str(attrs.data_layout), str(attrs.kernel_layout),
+                              out_layout, out_dtype)
+
+
+@tvm.transform.module_pass(opt_level=0, name="fxpress.PadInProducer")
+class PadInProducer:
+    """A conv's zero padding computed in the kernel that makes its input (see :class:`_PadInProducerMutator`).
+
+    gdnet-lite concatenates two 16-channel feature maps before each of its 32-channel convs: the
+    concatenation wrote 4.2 MB at batch 8, and the conv's padding copied it again.  Runs after
+    ``ConvertLayout``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator = _PadInProducerMutator(mod)
+        mod = rewrite_relax_functions(mod, mutator, lambda: mutator.moved, mutator.prepare)
+        log.debug("moved the padding of %d convolutions into their producers", mutator.moved)
         return mod
 
 
@@ -212,7 +293,10 @@ def conv_tile(width, channels, lanes: int, span: int | None = None) -> tuple[int
     group's), else the largest divisor of it below them (a 1-channel output: scalar code).  Pixels
     divide the output width (no partial tile, so no predicate in the unrolled update); among
     tiles that fit the registers, the fewest step cycles per FMA win, as
-    :func:`.schedules.register_tile` counts them.
+    :func:`.schedules.register_tile` counts them.  A vector of half the lanes (low-rank's rank-8
+    factors on AVX-512) takes up to 16 pixels: its FMAs issue two a cycle where full ones issue one
+    (znver4), so 8 pixels left the loop's own instructions a larger share (32 -> 8 channels, 3x3:
+    48.6 -> 50.1 GMAC/s; 16 pixels of full vectors were slower, 55.9 -> 52.1).
     """
     if not isinstance(width, int) or not isinstance(channels, int):
         return None
@@ -220,11 +304,12 @@ def conv_tile(width, channels, lanes: int, span: int | None = None) -> tuple[int
     vector = next((c for c in range(min(lanes, span), 0, -1) if span % c == 0 and channels % c == 0), 1)
     groups = channels // vector
     budget = register_budget(lanes)
+    max_pixels = MAX_HALF_PIXELS if 2 * vector == lanes else MAX_PIXELS
     best, best_key = None, None
     for vectors in range(1, MAX_VECTORS + 1):
         if groups % vectors:
             continue
-        for pixels in range(1, min(width, MAX_PIXELS) + 1):
+        for pixels in range(1, min(width, max_pixels) + 1):
             if width % pixels:
                 continue
             accumulators = pixels * vectors
