@@ -19,8 +19,10 @@ Default: the zoo, two compressed zoo rows, the 16 wider-ViT configurations (plai
 three SmolLM2 rows at threads 1 and 2; --quick: 1 thread, no tuning, 3 rounds, the zoo, the compressed
 rows and the width-192 50-token ViTs.  Each row: model, backend, threads, latency_ms (median of
 interleaved rounds; configurations of a third of a second or more take one call per round),
-ratio_to_eager, ratio_to_onnxruntime, max_abs_err (vs eager, over every output), compile_s.  The
-summary gives geometric means against eager and onnxruntime, and each dynamic / static build ratio.
+ratio_to_eager, ratio_to_onnxruntime, max_abs_err (vs eager, over every output), compile_s; tvm-dynamic
+rows add ratio_to_static, the median over rounds of its time / the static build's in the same round
+(paired: a 6 ms build's ratio of medians moved 1.02-1.16 between --quick runs).  The summary gives
+geometric means against eager and onnxruntime, and each dynamic / static build ratio.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,18 +186,23 @@ def measure(model_name: str, threads_list: list[int], tune_trials: int, rounds: 
         for fn, _ in built.values():
             if isinstance(fn, backends.CompiledModel):
                 fn.set_threads(threads)
-        latency = interleaved_latency({n: fn for n, (fn, _) in built.items()}, inputs, rounds=rounds,
-                                      min_runs=1 if heavy else 3, warmup=0 if heavy else 1)
-        eager_ms = latency["eager"].median_ms
-        ort_ms = latency["onnxruntime"].median_ms if "onnxruntime" in latency else None
+        per_round = [interleaved_latency({n: fn for n, (fn, _) in built.items()}, inputs, rounds=1,
+                                         min_runs=1 if heavy else 3, warmup=0 if heavy else 1)
+                     for _ in range(rounds)]
+        latency = {name: statistics.median(r[name].median_ms for r in per_round) for name in built}
+        eager_ms = latency["eager"]
+        ort_ms = latency.get("onnxruntime")
         for name, (fn, compile_s) in built.items():
             with torch.no_grad():
                 error = compare_outputs(reference, fn(*inputs)).max_abs
             rows.append({"model": model_name, "backend": name, "threads": threads,
-                         "latency_ms": round(latency[name].median_ms, 4),
-                         "ratio_to_eager": round(latency[name].median_ms / eager_ms, 3),
-                         "ratio_to_onnxruntime": round(latency[name].median_ms / ort_ms, 3) if ort_ms else None,
+                         "latency_ms": round(latency[name], 4),
+                         "ratio_to_eager": round(latency[name] / eager_ms, 3),
+                         "ratio_to_onnxruntime": round(latency[name] / ort_ms, 3) if ort_ms else None,
                          "max_abs_err": float(f"{error:.3g}"), "compile_s": round(compile_s, 2)})
+            if name == "tvm-dynamic" and "tvm" in built:  # paired: each round's two medians, timed back to back
+                rows[-1]["ratio_to_static"] = round(statistics.median(
+                    r[name].median_ms / r["tvm"].median_ms for r in per_round), 3)
     return rows
 
 
@@ -218,9 +226,9 @@ def print_table(rows: list[dict]) -> None:
                 print(f"geomean {backend} / {against} (1 thread, {len(ratios)} zoo models): {geo:.2f}")
     by_key = {(r["model"], r["backend"], r["threads"]): r for r in rows}
     for (model, backend, threads), row in by_key.items():
-        if backend == "tvm-dynamic" and (model, "tvm", threads) in by_key:
-            static = by_key[model, "tvm", threads]["latency_ms"]
-            print(f"{model} ({threads} thr): dynamic / static batch build {row['latency_ms'] / static:.2f}")
+        if backend == "tvm-dynamic" and row.get("ratio_to_static") is not None:
+            print(f"{model} ({threads} thr): dynamic / static batch build {row['ratio_to_static']:.2f} "
+                  "(median of the rounds' ratios)")
 
 
 def split_models(text: str) -> list[str]:

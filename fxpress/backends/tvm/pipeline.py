@@ -192,12 +192,7 @@ def reuse_shape_values(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tv
             rewritten = reuse.visit_expr(func)
             if reuse.reused:
                 changed[gvar] = rewritten
-    if not changed:
-        return mod
-    mod = mod.clone()
-    for gvar, func in changed.items():
-        mod[gvar] = func
-    return mod
+    return _with_functions(mod, changed)
 
 
 @relax.expr_functor.mutator
@@ -232,6 +227,16 @@ def _shape_call_key(value: relax.Expr) -> tuple | None:
     return (value.op.global_symbol, value.args[0], *(int(arg.value) for arg in value.args[1:]))
 
 
+def _with_functions(mod: tvm.IRModule, changed: dict) -> tvm.IRModule:
+    """`mod` with the functions of `changed` ({GlobalVar: function}) replaced (`mod` itself when none)."""
+    if not changed:
+        return mod
+    mod = mod.clone()
+    for gvar, func in changed.items():
+        mod[gvar] = func
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="fxpress.SinglePointerFunctionsNoAlias")
 def single_pointer_functions_noalias(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
     """Mark PrimFuncs with at most one pointer parameter (the VM's ``shape_func``) ``tirx.noalias``.
@@ -247,10 +252,7 @@ def single_pointer_functions_noalias(mod: tvm.IRModule, _ctx: tvm.transform.Pass
     """
     single = [gvar for gvar, func in mod.functions_items()
               if isinstance(func, tvm.tirx.PrimFunc) and not _noalias(func) and _pointer_params(func) <= 1]
-    if single:
-        mod = mod.clone()
-        for gvar in single:
-            mod[gvar] = mod[gvar].with_attr("tirx.noalias", True)
+    mod = _with_functions(mod, {gvar: mod[gvar].with_attr("tirx.noalias", True) for gvar in single})
     mixed = mixed_alias_functions(mod)
     if mixed:
         log.warning("functions without tirx.noalias among ones with it (%s): TVM 0.27 emits the whole "
@@ -317,7 +319,7 @@ def stack_tiles(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMod
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
         target = func.attrs.get("target") if func.attrs else None
-        if target is not None and target.kind.name not in ("llvm", "c"):
+        if target is None or target.kind.name != "llvm":  # C sources may go to small stacks
             continue
         count = [0]
 
@@ -331,12 +333,7 @@ def stack_tiles(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMod
         body = tvm_ffi.structural_map(func.body, [(tvm.tirx.AllocBuffer, annotate)], order="post")
         if count[0]:
             changed[gvar] = func.with_body(body)
-    if not changed:
-        return mod
-    mod = mod.clone()
-    for gvar, func in changed.items():
-        mod[gvar] = func
-    return mod
+    return _with_functions(mod, changed)
 
 
 def fxpress_tir_pipeline():
