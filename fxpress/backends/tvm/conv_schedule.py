@@ -46,7 +46,7 @@ from tvm.target import Target
 
 from fxpress.backends.tvm.schedule_utils import (cpu_main_reduction, extent, rewrite_relax_functions, round_up,
                                                  vector_bits, vector_lanes)
-from fxpress.backends.tvm.schedules import (ACCUMULATORS, _inline_plain_epilogue, _schedule_copy,
+from fxpress.backends.tvm.schedules import (ACCUMULATORS, _inline_plain_epilogue, _schedule_copy, _uses,
                                             _vectorize_innermost, register_budget)
 
 log = logging.getLogger(__name__)
@@ -205,10 +205,6 @@ class PadInProducer:
 
 def _is_var(expr, var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
-
-
-def _uses(expr, var) -> bool:
-    return any(free.same_as(var) for free in tirx.analysis.undefined_vars(expr))
 
 
 def _conv_pattern(stmt) -> tuple[str, int] | None:
