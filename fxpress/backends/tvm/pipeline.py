@@ -321,17 +321,9 @@ def stack_tiles(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMod
         target = func.attrs.get("target") if func.attrs else None
         if target is None or target.kind.name != "llvm":  # C sources may go to small stacks
             continue
-        count = [0]
-
-        def annotate(stmt, count=count):
-            replaced = _on_stack(stmt)
-            if replaced is None:
-                return stmt
-            count[0] += 1
-            return replaced
-
-        body = tvm_ffi.structural_map(func.body, [(tvm.tirx.AllocBuffer, annotate)], order="post")
-        if count[0]:
+        body = tvm_ffi.structural_map(func.body, [(tvm.tirx.AllocBuffer, lambda alloc: _on_stack(alloc) or alloc)],
+                                      order="post")
+        if not body.same_as(func.body):  # copy on write: an unchanged body is the same object
             changed[gvar] = func.with_body(body)
     return _with_functions(mod, changed)
 
@@ -339,13 +331,12 @@ def stack_tiles(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRMod
 def fxpress_tir_pipeline():
     """TVM's default TIR pipeline for CPUs (``s_tir``) with :func:`stack_tiles` before its host finalization;
     registered as the TIR pipeline ``"fxpress"`` (what :func:`.build.compile_relax` builds with)."""
-    from tvm import tirx
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
-    pipeline, _finalize_host, finalize_device = default_s_tir_pipeline()
+    pipeline, default_finalize_host, finalize_device = default_s_tir_pipeline()
 
     def finalize_host():
-        return tvm.transform.Sequential([stack_tiles, tirx.transform.LowerTVMBuiltin(), tirx.transform.LowerIntrin()])
+        return tvm.transform.Sequential([stack_tiles, default_finalize_host()])
 
     return pipeline, finalize_host, finalize_device
 
