@@ -6,6 +6,12 @@
   position ids / masks with a cumsum over a bool mask, so the tiny LLaMA and
   SmolLM2 failed here.
 
+- ``aten::upsample_bicubic2d.vec``: core-ATen decomposition turned it into
+  16 gathers and their clamps and weights (gdnet-lite's bicubic baseline: 32
+  kernel calls), and the importer's own converter uses TVM's cubic kernel
+  (a = -0.5) where torch uses a = -0.75.  :func:`kept_whole` keeps it from
+  decomposition and :func:`lower_upsample_bicubic` makes it one ``resize2d``.
+
 - ``aten::add.Tensor`` / ``aten::sub.Tensor`` with ``alpha``: the importer
   reads the positional arguments only and dropped alpha, so
   ``add(a, b, alpha=c)`` computed a + b.  merge-tokens' prop_attn writes its
@@ -21,6 +27,32 @@ from fxpress.backends.tvm.rules import OPAQUE, RuleContext, op_name, register_lo
 from fxpress.errors import LoweringError
 
 INTEGRAL_PREFIXES = ("bool", "int", "uint")
+TORCH_CUBIC_ALPHA = -0.75  # torch's bicubic kernel coefficient (TVM's resize2d defaults to -0.5)
+
+
+def kept_whole(program: torch.export.ExportedProgram) -> list:
+    """The ops of `program` that lowering keeps out of core-ATen decomposition, for a rule of their own:
+    ``upsample_bicubic2d.vec`` when every such node's output size is what resize2d maps the same way
+    as torch (an explicit size, or a scale that gives a whole size: torch then maps by the scale,
+    resize2d by the size ratio, which agree)."""
+    bicubic = torch.ops.aten.upsample_bicubic2d.vec
+    nodes = [n for n in program.graph.nodes if n.op == "call_function" and n.target is bicubic]
+    return [bicubic] if nodes and all(_bicubic_size(n) is not None for n in nodes) else []
+
+
+def _bicubic_size(node: torch.fx.Node) -> list[int] | None:
+    """(out_h, out_w) of an upsample_bicubic2d.vec node when static and mapped alike by torch and resize2d."""
+    value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    if value is None or value.dim() != 4 or not all(isinstance(d, int) for d in value.shape[2:]):
+        return None
+    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    scales = node.args[3] if len(node.args) > 3 else node.kwargs.get("scale_factors")
+    if size is not None:
+        return [int(d) for d in size] if all(isinstance(d, int) for d in size) else None
+    if scales is None or len(scales) != 2:
+        return None
+    out = [dim * scale for dim, scale in zip(value.shape[2:], scales)]
+    return [int(o) for o in out] if all(float(o).is_integer() for o in out) else None
 
 
 @register_lowering("aten::cumsum")
@@ -40,6 +72,23 @@ def lower_cumsum(ctx: RuleContext, node: torch.fx.Node):
     if dtype is not None and str(x.ty.dtype) != dtype:
         x = ctx.bb.emit(relax.op.astype(x, dtype))
     return ctx.bb.emit(relax.op.cumsum(x, dim))
+
+
+@register_lowering("aten::upsample_bicubic2d.vec")
+def lower_upsample_bicubic(ctx: RuleContext, node: torch.fx.Node):
+    """Bicubic upsampling as one ``resize2d`` with torch's kernel (a = -0.75, borders clamped)."""
+    from tvm import relax
+
+    size = _bicubic_size(node)
+    if size is None:  # kept_whole keeps only nodes with a size; a graph lowered another way may not
+        raise LoweringError(f"upsample_bicubic2d at node {node.format_node()}: the TVM rule needs static input "
+                            f"sizes and an output size or a scale giving whole sizes; pass size= to interpolate")
+    align_corners = node.args[2] if len(node.args) > 2 else node.kwargs.get("align_corners", False)
+    x = ctx.args(node)[0]
+    return ctx.bb.emit(relax.op.image.resize2d(
+        x, size, layout="NCHW", method="cubic",
+        coordinate_transformation_mode="align_corners" if align_corners else "half_pixel",
+        cubic_alpha=TORCH_CUBIC_ALPHA, cubic_exclude=0))
 
 
 @register_lowering("aten::add.Tensor")

@@ -38,11 +38,16 @@ class Lowered:
 
 def export_graph(graph: Graph, dynamic: bool) -> tuple[torch.export.ExportedProgram, FlatExport]:
     """Re-export the Graph over flat tensors and decompose it to core ATen (custom ops are kept)."""
+    from fxpress.backends.tvm.aten_rules import kept_whole
+
     flat = export_flat(graph, dynamic, "tvm", prepare=buffers_as_parameters)
+    table = torch.export.default_decompositions()
+    for op in kept_whole(flat.program):  # lowered by a rule of their own (aten_rules)
+        table.pop(op)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return flat.program.run_decompositions(), flat
+            return flat.program.run_decompositions(table), flat
     except Exception as err:  # noqa: BLE001 - decompositions raise many kinds
         raise LoweringError(f"cannot decompose graph {graph.name} for lowering: "
                             f"{type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
