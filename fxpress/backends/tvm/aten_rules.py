@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from fxpress.backends.preflight import _argument
 from fxpress.backends.tvm.rules import OPAQUE, RuleContext, op_name, register_lowering
 from fxpress.errors import LoweringError
 
@@ -45,8 +46,7 @@ def _bicubic_size(node: torch.fx.Node) -> list[int] | None:
     value = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
     if value is None or value.dim() != 4 or not all(isinstance(d, int) for d in value.shape[2:]):
         return None
-    size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
-    scales = node.args[3] if len(node.args) > 3 else node.kwargs.get("scale_factors")
+    size, scales = _argument(node, "output_size"), _argument(node, "scale_factors")
     if size is not None:
         return [int(d) for d in size] if all(isinstance(d, int) for d in size) else None
     if scales is None or len(scales) != 2:
@@ -83,7 +83,7 @@ def lower_upsample_bicubic(ctx: RuleContext, node: torch.fx.Node):
     if size is None:  # kept_whole keeps only nodes with a size; a graph lowered another way may not
         raise LoweringError(f"upsample_bicubic2d at node {node.format_node()}: the TVM rule needs static input "
                             f"sizes and an output size or a scale giving whole sizes; pass size= to interpolate")
-    align_corners = node.args[2] if len(node.args) > 2 else node.kwargs.get("align_corners", False)
+    align_corners = bool(_argument(node, "align_corners"))
     x = ctx.args(node)[0]
     return ctx.bb.emit(relax.op.image.resize2d(
         x, size, layout="NCHW", method="cubic",

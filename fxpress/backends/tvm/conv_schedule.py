@@ -62,8 +62,9 @@ MAX_VECTORS = 4  # the widest channel tile, in vectors
 def pad_unit(lanes: int) -> int:
     """Output channels a ragged conv is padded to a multiple of: the vector, or with 16 lanes
     (AVX-512) half of it: an 8-channel tile runs 256-bit vectors and never more padding (rank 7 -> 8,
-    not 16).  On znver4, which splits 512-bit FMAs, 256-bit ones reach ~86% of their MACs per cycle
-    (a C loop of broadcast FMAs: 50 against 58 G lane-FMAs/s), far better than twice the MACs."""
+    not 16).  On znver4, which splits 512-bit FMAs, a 32 -> 8 channel tile computes its MACs at 66-86% of
+    a 16-channel one's rate (35-50 against 52-58 GMAC/s on different days; docs/lowrank.md), far better
+    than twice the MACs."""
     return lanes // 2 if lanes >= 16 else lanes
 
 
